@@ -1,0 +1,48 @@
+"""Header-only safetensors access with one lazily opened mmap handle per file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ...errors import CheckpointError
+from ..safety import SAFETENSORS_DTYPES, read_safetensors_header
+from . import RawTensor
+
+__all__ = ["SafetensorsFile"]
+
+
+class SafetensorsFile:
+    """A validated header now, tensor bytes only when ``load`` is called."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.header, self.metadata = read_safetensors_header(path)
+        self._handle = None
+
+    def _open(self):
+        if self._handle is None:
+            try:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error type
+                raise CheckpointError(f"{self.path.name}: cannot open safetensors ({e})") from None
+        return self._handle
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._open().get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{self.path.name}: cannot read tensor {key!r} ({e})") from None
+
+    def tensors(self) -> list[RawTensor]:
+        return [
+            RawTensor(key, tuple(int(s) for s in info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], lambda k=key: self.get(k))
+            for key, info in self.header.items()
+        ]
+
+    def close(self) -> None:
+        self._handle = None
