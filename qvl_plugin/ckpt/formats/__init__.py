@@ -50,8 +50,10 @@ def detect_format(path: Path) -> str:
     if suffix == ".safetensors":
         return "merged"
     if suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        if path.name in ("adapter_model.bin",) and (path.parent / "adapter_config.json").is_file():
+        if path.name == "adapter_model.bin" and (path.parent / "adapter_config.json").is_file():
             return "peft"
+        if path.name.startswith("pytorch_model"):
+            return "merged"
         return "pth"
     raise CheckpointError(f"{path.name}: unknown checkpoint type (expected .pth/.pt/.bin, .safetensors, or a directory)")
 
