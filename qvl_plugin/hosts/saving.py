@@ -1,0 +1,395 @@
+"""Saving what a recipe asks for from a model that may be sharded: gather first, refuse empty tensors,
+write on rank 0 only.
+
+Under DeepSpeed ZeRO-3 a parameter's local ``.data`` is an empty placeholder, under FSDP1 it is a slice of
+a flat shard (possibly 0 elements on some rank), under FSDP2 a DTensor shard. Saving those directly is
+how empty ``modules_to_save`` tensors end up on disk (peft#2450, LLaMA-Factory#1226). Here every
+trainable tensor is gathered to full size first, checked, and only then written:
+
+* ``adapter/``     the PEFT adapter (PEFT's own ``save_pretrained`` over the gathered state dict),
+* ``adapter.pth``  a clean ``torch.save`` dump: one key per trainable tensor, PEFT in-memory names
+                   (``base_model.model.…lora_A.default.weight``), loadable with zero unexpected keys
+                   into ``get_peft_model(base, config)``,
+* ``merged/``      the merged HF model (``qvl_plugin.ckpt.merge.merge`` of the adapter onto the base).
+
+Call :func:`save_outputs` on every process (the gathers are collectives); only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, QvlError, UsageError
+
+__all__ = [
+    "EmptyTensorError",
+    "SavedOutputs",
+    "ADAPTER_DIR",
+    "DUMP_FILE",
+    "MERGED_DIR",
+    "unwrap_model",
+    "trainable_names",
+    "gather_trainable_state_dict",
+    "check_tensors",
+    "write_pth",
+    "write_adapter",
+    "write_merged",
+    "save_outputs",
+    "adapter_key",
+]
+
+ADAPTER_DIR = "adapter"
+DUMP_FILE = "adapter.pth"
+MERGED_DIR = "merged"
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+_WRAPPER_CLASSES = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "FullyShardedDataParallel")
+
+
+class EmptyTensorError(CheckpointError):
+    """A gathered tensor has zero elements (or not its full shape): writing it would produce a broken file."""
+
+
+@dataclass
+class SavedOutputs:
+    """Paths written by :func:`save_outputs` (only filled on rank 0)."""
+
+    directory: Path
+    adapter: Path | None = None
+    pth: Path | None = None
+    merged: Path | None = None
+    tensors: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+# -- distributed helpers -------------------------------------------------------------------------------
+
+
+def _dist() -> tuple[bool, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return True, torch.distributed.get_rank()
+    return False, 0
+
+
+def _agree(error: str | None) -> None:
+    """Raise the same error on every rank (rank 0 decides), so no rank waits forever in a collective."""
+    distributed, rank = _dist()
+    if distributed:
+        box = [error if rank == 0 else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise EmptyTensorError(error)
+
+
+# -- names ---------------------------------------------------------------------------------------------
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / DeepSpeedEngine / FSDP1 root / torch.compile wrappers."""
+    while True:
+        if type(model).__name__ in _WRAPPER_CLASSES and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _clean(name: str) -> str:
+    for seg in _WRAPPER_SEGMENTS:
+        name = name.replace(seg, "")
+    return name
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names (wrapper segments removed) of parameters with ``requires_grad``, one per tensor."""
+    return [_clean(n) for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Trainable name -> other names of the same Parameter (tied modules_to_save copies)."""
+    first: dict[int, str] = {}
+    out: dict[str, list[str]] = {}
+    for n, p in unwrap_model(model).named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        n = _clean(n)
+        if id(p) in first:
+            out.setdefault(first[id(p)], []).append(n)
+        else:
+            first[id(p)] = n
+    return out
+
+
+# -- gathering -----------------------------------------------------------------------------------------
+
+
+def _full_shape(p: torch.Tensor) -> tuple[int, ...] | None:
+    if hasattr(p, "ds_shape"):  # ZeRO-3 partitioned parameter
+        return tuple(p.ds_shape)
+    if type(p).__name__ == "FlatParameter" or getattr(p, "_is_flat_param", False):
+        return None
+    return tuple(p.shape)  # DTensor reports the global shape; FSDP1 views are checked against the gather
+
+
+def _is_fsdp1(model: nn.Module) -> bool:
+    """FSDP1 wraps modules; with use_orig_params its parameters are flat 1-D views of the local shard."""
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
+
+
+def gather_trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full-size CPU copies of every trainable tensor, keyed by its clean PEFT in-memory name.
+
+    A collective under DeepSpeed ZeRO-3 / FSDP: call on every rank. Rank 0 gets the tensors, the other
+    ranks an empty dict. Zero-element or wrong-shape results raise :class:`EmptyTensorError` on all ranks.
+    """
+    distributed, rank = _dist()
+    if not _is_fsdp1(model):  # FSDP1 needs its root wrapper for the full state dict; others are unwrapped
+        model = unwrap_model(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    expected = {_clean(n): _full_shape(p) for n, p in named}
+    out: dict[str, torch.Tensor] = {}
+    if any(hasattr(p, "ds_id") for _, p in named):  # DeepSpeed ZeRO-3
+        import deepspeed  # present whenever ZeRO-3 parameters exist
+
+        for n, p in named:  # one tensor at a time: never the whole model in memory
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if rank == 0:
+                    out[_clean(n)] = p.detach().to("cpu", copy=True).contiguous()
+    elif _is_fsdp1(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # FSDP1 keeps flat shards (a rank may hold 0 elements of a tensor): only a full state dict is safe.
+        # cpu_offload only when the shards are not already on the CPU (offloading CPU tensors crashes).
+        on_cpu = all(p.device.type == "cpu" for _, p in named)
+        expected = dict.fromkeys(expected)  # local views are flat shards: the full shapes come from the gather
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu))
+        if rank == 0:
+            full = {_clean(k): v for k, v in full.items()}
+            out = {k: full[k].detach().to("cpu", copy=True).contiguous() for k in expected if k in full}
+        del full
+    else:
+        for n, p in named:
+            t = p.detach()
+            if hasattr(t, "full_tensor"):  # DTensor (FSDP2 / tensor parallel): a collective
+                t = t.full_tensor()
+            if rank == 0:
+                out[_clean(n)] = t.to("cpu", copy=True).contiguous()
+    error = check_tensors(out, expected) if rank == 0 else None
+    _agree(error)
+    return out if rank == 0 else {}
+
+
+def check_tensors(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...] | None] | None = None) -> str | None:
+    """The reason ``state_dict`` must not be written, or None: zero-element tensors, missing names, shapes
+    that differ from the full parameter shape."""
+    problems = []
+    empty = [k for k, v in state_dict.items() if v.numel() == 0]
+    if empty:
+        problems.append(f"{len(empty)} zero-element tensor(s): {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
+    if expected is not None:
+        missing = [k for k in expected if k not in state_dict]
+        if missing:
+            problems.append(f"{len(missing)} trainable tensor(s) not gathered: {', '.join(missing[:5])}")
+        wrong = [f"{k} {tuple(state_dict[k].shape)} != {s}" for k, s in expected.items()
+                 if s is not None and k in state_dict and k not in empty and tuple(state_dict[k].shape) != tuple(s)]
+        if wrong:
+            problems.append(f"shape differs from the full parameter: {', '.join(wrong[:5])}")
+    if not state_dict and expected is not None and not expected:
+        problems.append("the model has no trainable tensors")
+    if problems:
+        return "refusing to save: " + "; ".join(problems) + " (gather the parameters before saving)"
+    return None
+
+
+# -- writers -------------------------------------------------------------------------------------------
+
+
+def _tmp_sibling(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+
+
+def _commit(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` into place; a previous output of ours at ``target`` is replaced."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, target)
+
+
+def write_pth(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """The clean dump: exactly the given keys, each its own contiguous tensor; written atomically."""
+    error = check_tensors(state_dict)
+    if error:
+        raise EmptyTensorError(error)
+    path = Path(path)
+    tmp = _tmp_sibling(path)
+    try:
+        torch.save({k: v.contiguous() for k, v in state_dict.items()}, tmp / path.name)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+_MARKED = ".modules_to_save."
+
+
+def adapter_key(name: str, adapter_name: str = "default") -> str:
+    """PEFT in-memory parameter name -> its key in ``adapter_model.safetensors`` (PEFT_FORMAT.md §1.2)."""
+    name = name.replace(f".lora_magnitude_vector.{adapter_name}.weight", ".lora_magnitude_vector")
+    name = name.replace(f".modules_to_save.{adapter_name}.", ".")
+    name = name.replace(f".trainable_tokens_delta.{adapter_name}", ".trainable_tokens_delta")
+    return name.replace(f".{adapter_name}.", ".").removesuffix(f".{adapter_name}")
+
+
+def write_adapter(peft_model: nn.Module, state_dict: dict[str, torch.Tensor], out: str | Path, *,
+                  adapter_name: str = "default", aliases: dict[str, list[str]] | None = None) -> Path:
+    """PEFT's ``save_pretrained`` fed with the gathered state dict, into a temp dir, checked (every trainable
+    tensor present, none empty), then moved to ``out``."""
+    from safetensors import safe_open
+
+    model = unwrap_model(peft_model)
+    full = dict(state_dict)
+    for name, others in (aliases or {}).items():
+        for o in others:
+            full.setdefault(o, state_dict[name])
+    out = Path(out)
+    tmp = _tmp_sibling(out)
+    try:
+        model.save_pretrained(str(tmp), state_dict=full, selected_adapters=[adapter_name], safe_serialization=True,
+                              is_main_process=True)
+        src = tmp / adapter_name if (tmp / adapter_name).is_dir() and adapter_name != "default" else tmp
+        weights = src / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"PEFT wrote no adapter_model.safetensors into {out}")
+        with safe_open(str(weights), "pt") as f:
+            keys = set(f.keys())
+            empty = [k for k in keys if 0 in f.get_slice(k).get_shape()]
+        missing = [n for n in state_dict if _MARKED in n or "lora_" in n or "trainable_tokens" in n
+                   if adapter_key(n, adapter_name) not in keys]
+        if missing or empty:
+            raise EmptyTensorError(
+                f"refusing to save the adapter: missing {missing[:5]} empty {empty[:5]} (PEFT's key selection "
+                "did not find the gathered tensors)"
+            )
+        if src != tmp:
+            os.replace(src, tmp.with_name(tmp.name + ".a"))
+            shutil.rmtree(tmp)
+            tmp = tmp.with_name(tmp.name + ".a")
+        _commit(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def write_merged(adapter_dir: str | Path, base_path: str | Path, out: str | Path, *, trained_head: bool) -> Path:
+    """Merge with ``qvl_plugin.ckpt.merge.merge`` next to ``out``, check that a trained head stayed untied,
+    then move it into place (a previous merged output of ours is replaced only on success)."""
+    try:
+        from ..ckpt.merge import merge
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("qvl_plugin.ckpt"):
+            raise
+        raise CheckpointError("the merged output needs qvl_plugin.ckpt.merge, which is not installed") from None
+
+    out = Path(out)
+    scratch = _tmp_sibling(out)
+    try:
+        target = scratch / out.name
+        merge(adapter_dir, base_path, target)
+        if trained_head:
+            cfg = json.loads((target / "config.json").read_text())
+            tied = cfg.get("tie_word_embeddings", (cfg.get("text_config") or {}).get("tie_word_embeddings", False))
+            if tied:
+                raise CheckpointError(
+                    f"{out}: the merged config says tie_word_embeddings=true although lm_head was trained apart "
+                    "from the embedding; a reload would re-tie and discard the trained head (peft#2777)"
+                )
+        _commit(target, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def _trains_head(state_dict: dict[str, torch.Tensor]) -> bool:
+    """True when a trained lm_head differs from the embedding: the merged model must then be untied."""
+    heads = [k for k in state_dict if ".lm_head." in f".{k}" and ("modules_to_save" in k or "token_adapter" in k or "lora_" in k)]
+    if not heads:
+        return False
+    embeds = {k.replace("lm_head", "model.language_model.embed_tokens"): k for k in heads}
+    return any(e not in state_dict or not torch.equal(state_dict[e], state_dict[h]) for e, h in embeds.items())
+
+
+def save_outputs(model: nn.Module, directory: str | Path, formats: Iterable[str], *, base_path: str | Path | None = None,
+                 adapter_name: str = "default") -> SavedOutputs:
+    """Gather and write ``formats`` (``adapter``, ``pth``, ``merged``) into ``directory``. Call on every rank.
+
+    ``merged`` needs ``base_path`` (the HF model dir the training started from); it is made from the
+    adapter (written to a temp dir when ``adapter`` itself is not asked for).
+    """
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in ("adapter", "pth", "merged")]
+    if unknown:
+        raise UsageError(f"unknown save format(s) {unknown}; known: adapter, pth, merged")
+    if "merged" in formats and base_path is None:
+        raise UsageError("saving 'merged' needs base_path (the HF model dir the training started from)")
+    directory = Path(directory)
+    state_dict = gather_trainable_state_dict(model)
+    distributed, rank = _dist()
+    result = SavedOutputs(directory)
+    error: str | None = None
+    try:
+        if rank == 0:
+            try:
+                _write(model, state_dict, directory, formats, base_path, adapter_name, result)
+            except QvlError as e:
+                if "merged" in formats or not distributed:
+                    raise
+                error = str(e)
+    finally:
+        del state_dict
+    if distributed and "merged" not in formats:
+        # Keep ranks in step and fail together; after a merge (which can outlast a collective's timeout)
+        # the other ranks simply go on.
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise CheckpointError(box[0])
+    return result
+
+
+def _write(model, state_dict, directory: Path, formats, base_path, adapter_name: str, result: SavedOutputs) -> None:
+    result.tensors, result.keys = len(state_dict), list(state_dict)
+    directory.mkdir(parents=True, exist_ok=True)
+    if "pth" in formats:
+        result.pth = write_pth(state_dict, directory / DUMP_FILE)
+    if "adapter" not in formats and "merged" not in formats:
+        return
+    scratch = None if "adapter" in formats else Path(tempfile.mkdtemp(prefix=".adapter.", dir=directory))
+    target = directory / ADAPTER_DIR if scratch is None else scratch / ADAPTER_DIR
+    try:
+        adapter = write_adapter(model, state_dict, target, adapter_name=adapter_name, aliases=_aliases(model))
+        if scratch is None:
+            result.adapter = adapter
+        if "merged" in formats:
+            result.merged = write_merged(adapter, base_path, directory / MERGED_DIR, trained_head=_trains_head(state_dict))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)

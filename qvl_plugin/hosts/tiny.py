@@ -1,0 +1,84 @@
+"""The embedded tiny Qwen2-VL: config and processor files shipped in the package (``hosts/tiny/``, made by
+``tools/make_tiny_assets.py``), weights initialised from a seed. Nothing touches the network."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TINY_DIR", "tiny_dir", "build_tiny_model", "load_processor", "save_base"]
+
+TINY_DIR = "tiny"
+
+
+def tiny_dir() -> Path:
+    """The directory with the tiny model's ``config.json``, tokenizer, image-processor config."""
+    return Path(str(resources.files("qvl_plugin.hosts").joinpath(TINY_DIR)))
+
+
+def build_tiny_model(seed: int = 0, config_dir: str | Path | None = None):
+    """A real ``Qwen2VLForConditionalGeneration`` from the shipped config, randomly initialised from ``seed``
+    (identical on every process). fp32, eval-mode-free (the caller decides)."""
+    import torch
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(str(config_dir or tiny_dir()))
+    gen = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+    finally:
+        torch.random.set_rng_state(gen)
+    return model.float()
+
+
+def _processor_class():
+    from transformers import Qwen2VLProcessor
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        """The real ``Qwen2VLProcessor`` minus the video processor: transformers 5 type-checks every
+        sub-processor, and the video one needs torchvision. Images and text go through the stock code."""
+
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImageOnlyQwen2VLProcessor
+
+
+def load_processor(model_dir: str | Path | None = None):
+    """A Qwen2-VL processor for a local model dir (default: the tiny one), offline.
+
+    Uses ``AutoProcessor`` when it works (torchvision installed, full processor files); otherwise the stock
+    tokenizer + the PIL ``Qwen2VLImageProcessorPil`` joined without a video processor."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    path = str(model_dir or tiny_dir())
+    if model_dir is not None:
+        try:
+            from transformers import AutoProcessor
+
+            return AutoProcessor.from_pretrained(path, local_files_only=True)
+        except Exception:  # noqa: BLE001 - fall back to the torchvision-free assembly below
+            pass
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+    return _processor_class()(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def save_base(model, processor, out: str | Path) -> Path:
+    """Write ``model`` (the untrained base) and its processor files as a plain HF model dir, so a merge and
+    an audit have a base to work from."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.tokenizer.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)
+    return out
