@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ __all__ = [
 ]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+MAX_JSON_BYTES = 64 * 1024 * 1024  # config/index/adapter JSON files are kilobytes; refuse to slurp a huge one
+_MAX_DIM = 2**63 - 1  # what torch (int64 sizes) and safetensors (usize) can represent
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, attr)
@@ -49,6 +53,21 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+def _check_regular(path: Path) -> int:
+    """Size of ``path`` if it is a regular file (after symlinks). A FIFO or device would block or never end."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise CheckpointError(f"{path.name}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path.name}: not a regular file")
+    return st.st_size
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int  # JSON floats (2.0, 1e3, Infinity, NaN) and booleans are not sizes
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     """Parse and validate a safetensors header without touching tensor data.
 
@@ -57,8 +76,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]
     disagree with shape x dtype, or run past the end of the file.
     """
     name = path.name
+    size = _check_regular(path)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -83,10 +102,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]
     for key, info in header.items():
         try:
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            start, end = (int(o) for o in info["data_offsets"])
-            if any(isinstance(s, bool) or s < 0 for s in info["shape"]) or len(info["data_offsets"]) != 2:
+            shape, offsets = info["shape"], info["data_offsets"]
+            if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2):
                 raise ValueError
+            if not all(_is_int(s) and 0 <= s <= _MAX_DIM for s in shape + offsets):
+                raise ValueError
+            start, end = offsets
         except (KeyError, TypeError, ValueError):
             raise UnsafeCheckpointError(f"{name}: corrupt safetensors header entry {key[:80]!r}") from None
         numel = 1
@@ -111,6 +132,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]
 def safe_torch_load(path: Path) -> Any:
     """``torch.load`` that never runs code from the file and never reads tensor data eagerly."""
     name = path.name
+    _check_regular(path)
     try:
         is_zip = zipfile.is_zipfile(path)
     except OSError as e:
@@ -120,29 +142,44 @@ def safe_torch_load(path: Path) -> Any:
             f"{name}: not a torch zip checkpoint (legacy or corrupt pickle; re-save with a current torch.save)"
         )
     try:
-        return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch's deprecation chatter about odd tensors must not break the one-line contract
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
         raise UnsafeCheckpointError(
             f"{name}: refused: the pickle needs more than tensors and plain containers ({detail.strip()[:160]})"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError, TypeError, IndexError) as e:
+    except Exception as e:  # noqa: BLE001 - a hostile stream can fail torch's reader in open-ended ways (struct.error, ...)
         raise CheckpointError(f"{name}: cannot read torch checkpoint ({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
 
 
 def resolve_inside(directory: Path, relative: str) -> Path:
-    """Join ``relative`` onto ``directory`` and refuse anything that escapes it (``..``, absolute, symlinks)."""
+    """Join ``relative`` onto ``directory`` and refuse anything that escapes it (``..``, absolute, symlinks).
+
+    One exception: a Hugging Face cache snapshot (``.../snapshots/<rev>/``) holds symlinks into the same
+    repo's ``blobs/``; those are allowed, nothing else outside.
+    """
     if not isinstance(relative, str) or not relative or os.path.isabs(relative) or "\x00" in relative:
         raise UnsafeCheckpointError(f"refused path {relative!r} in {directory.name}: must be a file name inside the directory")
-    target = (directory / relative).resolve()
-    root = directory.resolve()
-    if root not in target.parents:
+    try:
+        target = (directory / relative).resolve()
+        root = directory.resolve()
+    except (OSError, RuntimeError) as e:  # symlink loops
+        raise UnsafeCheckpointError(f"refused path {relative!r} in {directory.name}: cannot resolve ({e})") from None
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    lexical = os.path.normpath(relative)
+    if lexical == os.curdir or lexical.split(os.sep)[0] == os.pardir or not any(r in target.parents for r in roots):
         raise UnsafeCheckpointError(f"refused path {relative!r} in {directory.name}: it points outside the directory")
     return target
 
 
 def read_json(path: Path) -> Any:
+    if path.exists() and _check_regular(path) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path.name}: {path.stat().st_size} bytes is too large for a JSON config")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -28,8 +28,11 @@ def weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
                 raise CheckpointError(f"{index_name}: no weight_map")
             files: dict[str, Path] = {}
             for key, rel in weight_map.items():
+                if not isinstance(rel, str):
+                    resolve_inside(directory, rel)  # raises: only file names are allowed
                 if rel not in files:
-                    files[rel] = resolve_inside(directory, rel)
+                    resolve_inside(directory, rel)  # raises when it escapes the directory
+                    files[rel] = directory / rel  # keep the name: HF cache blobs have no suffix
                     if not files[rel].is_file():
                         raise CheckpointError(f"{index_name}: shard {rel!r} is missing")
             return list(files.values()), weight_map

@@ -33,6 +33,12 @@ def tensors_from_state_dict(sd: dict, name: str) -> tuple[list[RawTensor], list[
     skipped = [str(k) for k, v in sd.items() if not isinstance(v, torch.Tensor) or not isinstance(k, str)]
     if skipped:
         notes.append(("non-tensor-entries", "info", f"{len(skipped)} non-tensor entries ignored", tuple(skipped[:20])))
+    for k, v in sd.items():
+        if isinstance(k, str) and isinstance(v, torch.Tensor) and (
+            v.layout is not torch.strided or v.is_nested or v.is_quantized or v.is_meta
+        ):
+            kind = "nested" if v.is_nested else "quantized" if v.is_quantized else "meta" if v.is_meta else str(v.layout).replace("torch.", "")
+            raise CheckpointError(f"{name}: tensor {k[:80]!r} is a {kind} tensor; only dense tensors with data are supported")
     tensors = [
         RawTensor(k, tuple(v.shape), v.dtype, lambda v=v: v, _storage_id(v))
         for k, v in sd.items()

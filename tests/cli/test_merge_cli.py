@@ -1,0 +1,82 @@
+"""qvl-ckpt merge / convert / extract: thin, one-line errors, exit codes 0 / 1 / 2."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+from click.testing import CliRunner
+
+from qvl_plugin.cli import main
+from tests.factories import ADAPTER_VARIANTS, make_adapter, make_dump
+
+
+@pytest.fixture(scope="module")
+def inputs(qwen2_vl_tied_base, tmp_path_factory):
+    model, base = qwen2_vl_tied_base
+    d = tmp_path_factory.mktemp("cli")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm, adapter = make_adapter(model, ADAPTER_VARIANTS["linear-embed-head"]("x"), d / "adapter")
+    dump = make_dump(pm, d / "lora.pth")
+    return base, adapter, dump
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_merge_human_and_json(inputs, tmp_path):
+    base, adapter, dump = inputs
+    r = _run("merge", dump, "--base", base, "-o", tmp_path / "out", "--lora-alpha", "8", "--max-shard-size", "200KB")
+    assert r.exit_code == 0, r.output
+    assert "14 LoRA" in r.output and "2 replaced" in r.output and "tie_word_embeddings" in r.output
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    r = _run("merge", adapter, "--base", base, "-o", tmp_path / "out2", "--json", "--dtype", "bf16", "--checksum")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["untied"] is True and report["added"] == ["lm_head.weight"] and report["counts"]["lora"] == 14
+    assert set(report["seconds"]) >= {"plan", "read", "math", "write", "copy", "commit", "total"}
+    assert (tmp_path / "out2" / "SHA256SUMS").is_file()
+
+
+def test_merge_errors_are_one_line_exit_1(inputs, tmp_path):
+    base, adapter, dump = inputs
+    r = _run("merge", dump, "--base", base, "-o", tmp_path / "out")
+    assert r.exit_code == 1 and r.output.startswith("error: ") and "--lora-alpha" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    r = _run("merge", adapter, "--base", base, "-o", base / "inside")
+    assert r.exit_code == 1 and "inside the input" in r.output
+    r = _run("merge", adapter, "--base", base, "-o", tmp_path / "o", "--max-shard-size", "lots")
+    assert r.exit_code == 1 and "invalid size" in r.output
+    r = _run("merge", adapter, "--base", base, "-o", tmp_path / "o", "--dtype", "int8")
+    assert r.exit_code == 2
+    r = _run("merge", adapter, "-o", tmp_path / "o")
+    assert r.exit_code == 2
+
+
+def test_convert_both_ways(inputs, tmp_path):
+    base, adapter, dump = inputs
+    r = _run("convert", dump, "--to", "peft", "-o", tmp_path / "p", "--lora-alpha", "8", "--base", base)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["lora_alpha"] == 8
+    r = _run("convert", adapter, "--to", "pth", "-o", tmp_path / "clean.pth", "--base", base)
+    assert r.exit_code == 0, r.output
+    assert "0 unexpected, 0 adapter keys missing" in " ".join(r.output.split())
+    r = _run("convert", adapter, "--to", "pth", "-o", tmp_path / "c2.pth", "--base", base, "--json")
+    assert json.loads(r.output)["load"] == {"unexpected": [], "missing_adapter": []}
+    r = _run("convert", dump, "--to", "peft", "-o", tmp_path / "q")
+    assert r.exit_code == 1 and r.output.startswith("error: ")
+
+
+def test_extract(inputs, tmp_path):
+    base, adapter, _ = inputs
+    assert _run("merge", adapter, "--base", base, "-o", tmp_path / "m").exit_code == 0
+    r = _run("extract", tmp_path / "m", "--base", base, "-o", tmp_path / "x", "--rank", "auto", "--energy", "0.9")
+    assert r.exit_code == 0, r.output
+    assert "max relative error" in " ".join(r.output.split())
+    r = _run("extract", tmp_path / "m", "--base", base, "-o", tmp_path / "y", "--rank", "2", "--json")
+    report = json.loads(r.output)
+    assert {m["rank"] for m in report["modules"] if m["kind"] == "lora"} == {2}
+    assert _run("extract", tmp_path / "m", "--base", base, "-o", tmp_path / "z", "--rank", "zero").exit_code == 2
