@@ -18,6 +18,7 @@ import torch
 
 from ..errors import CheckpointError
 from .diff import LoraPair, lora_pairs
+from .checksums import CHECKSUM_NAME, verify_manifest
 from .keys import PEFT_PREFIX
 from .safety import read_json
 from .view import Checkpoint, Entry, Finding, Role, open_checkpoint
@@ -31,6 +32,7 @@ CODES: dict[str, str] = {
     "shape-mismatch": "error",
     "unmatched-key": "error",
     "noop-adapter": "error",
+    "checksum-mismatch": "error",
     "duplicate-key": "warning",
     "strict-false-noop": "warning",
     "tied-weights": "warning",
@@ -91,12 +93,24 @@ def audit(
             return _ordered(findings)
         with ckpt:
             findings += ckpt.findings
+            findings += _checksums(ckpt)
             findings += _header_checks(ckpt, base_ckpt)
             findings += _value_checks(ckpt, base_ckpt)
     finally:
         if base_ckpt is not None:
             base_ckpt.close()
     return _ordered(findings)
+
+
+def _checksums(ckpt: Checkpoint) -> list[Finding]:
+    """Verify the SHA256SUMS manifest that ``merge --checksum`` writes, when present."""
+    try:
+        bad = verify_manifest(ckpt.path) if ckpt.path.is_dir() else None
+    except CheckpointError as e:
+        return [_finding("checksum-mismatch", str(e), (CHECKSUM_NAME,))]
+    if not bad:
+        return []
+    return [_finding("checksum-mismatch", f"{len(bad)} files differ from {CHECKSUM_NAME}: {_few(bad)}", bad)]
 
 
 def _ordered(findings: list[Finding]) -> list[Finding]:
