@@ -6,19 +6,33 @@ patterns resolve exactly as they did in training.
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import AdapterConfigError
+from ..errors import AdapterConfigError, CheckpointError
 
 __all__ = ["AdapterSettings", "load_adapter_config", "UNSAFE_INITS"]
 
 # Inits that rewrite the base weight into a residual: the adapter is only valid on that residual.
 UNSAFE_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _SUPPORTED_TYPES = ("LORA", "TRAINABLE_TOKENS")
+
+
+# A quantified group that itself contains a quantifier ("(a*)*b") can backtrack exponentially.
+_NESTED_QUANTIFIER = re.compile(r"\([^)]*[*+}][^)]*\)\s*[*+{]")
+
+
+def _check_pattern(key: str, what: str) -> None:
+    """Pattern keys are regexes run by PEFT's ``get_pattern_key``: refuse broken or catastrophic ones."""
+    if len(key) > 1000 or _NESTED_QUANTIFIER.search(key):
+        raise AdapterConfigError(f"{what} {key[:80]!r} is refused (too long or nested quantifiers)")
+    try:
+        re.compile(rf"(.*\.)?({key})$")
+    except re.error as e:
+        raise AdapterConfigError(f"{what} {key[:80]!r} is not a valid regex ({e})") from None
 
 
 def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
@@ -83,8 +97,9 @@ class AdapterSettings:
         alpha_pattern = typed("alpha_pattern", (dict,), {})
         for name, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
             for k, v in pat.items():
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise AdapterConfigError(f"{source}: {name}[{k!r}] must be a number, got {v!r}")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                    raise AdapterConfigError(f"{source}: {name}[{k!r}] must be a positive number, got {v!r}")
+                _check_pattern(k, f"{source}: {name} key")
         mts = typed("modules_to_save", (list,), []) or []
         if not all(isinstance(m, str) for m in mts):
             raise AdapterConfigError(f"{source}: modules_to_save must be a list of strings")
@@ -137,6 +152,8 @@ class AdapterSettings:
 
     def scaling(self, source_module: str, rank: int) -> float:
         """LoRA scaling for one module, as PEFT computes it (alpha_pattern, rsLoRA)."""
+        if rank <= 0:
+            raise AdapterConfigError(f"{source_module}: LoRA rank must be positive, got {rank}")
         alpha = self.alpha_for(source_module)
         if alpha is None:
             raise AdapterConfigError("no lora_alpha known: pass --adapter-config or --lora-alpha")
@@ -160,17 +177,12 @@ class AdapterSettings:
 
 
 def load_adapter_config(path: str | Path) -> AdapterSettings:
+    """Read an adapter_config.json safely (regular file, size cap) and validate it."""
+    from .safety import read_json
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AdapterConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise AdapterConfigError(f"{path}: cannot read ({e})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise AdapterConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except RecursionError:
-        raise AdapterConfigError(f"{path}: JSON nested too deeply") from None
+        data = read_json(path)
+    except CheckpointError as e:
+        raise AdapterConfigError(str(e)) from None
     return AdapterSettings.from_dict(data, source=path.name)

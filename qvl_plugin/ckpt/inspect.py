@@ -21,7 +21,7 @@ def lora_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
     source: dict[str, str] = {}
     has_dora = False
     for e in ckpt.entries:
-        if e.role in (Role.LORA_A, Role.EMB_A):
+        if e.role in (Role.LORA_A, Role.EMB_A) and e.numel:  # empty (ZeRO-3) tensors carry no rank
             ranks[e.module] = e.shape[0]
             source[e.module] = e.source_module
         has_dora |= e.role is Role.MAGNITUDE

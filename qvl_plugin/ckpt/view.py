@@ -132,6 +132,23 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return n * dtype.itemsize
 
 
+_NDIM = {
+    Role.LORA_A: (2, 3, 4, 5),  # Linear (r, in); Conv1d/2d/3d (r, in, *k)
+    Role.LORA_B: (2, 3, 4, 5),
+    Role.EMB_A: (2,),
+    Role.EMB_B: (2,),
+    Role.LORA_BIAS: (1,),
+    Role.MAGNITUDE: (1, 2, 3, 4, 5),  # (out,) or conv (1, out, 1, ...)
+    Role.TOKEN_ROWS: (2,),
+}
+
+
+def _plausible_ndim(e: "Entry") -> bool:
+    """Zero-element tensors pass here (audit reports them as ZeRO-3 artefacts); others must fit their role."""
+    allowed = _NDIM.get(e.role)
+    return allowed is None or len(e.shape) in allowed
+
+
 def _dedupe(tensors: list[RawTensor]) -> tuple[list[RawTensor], list[Finding]]:
     """Fold the manual dump's leading-dot duplicates (``.x`` next to ``x``) into one tensor each."""
     groups: dict[str, list[RawTensor]] = defaultdict(list)
@@ -267,6 +284,9 @@ def _build(raw: RawCheckpoint, adapter_config, lora_alpha, layout) -> Checkpoint
         for t, p in parsed
     ]
 
+    bad = [e.key for e in entries if e.numel and not _plausible_ndim(e)]
+    if bad:
+        raise CheckpointError(f"{len(bad)} LoRA tensors have an impossible number of dimensions, e.g. {bad[0]!r}")
     if ignored:
         findings.append(Finding("ignored-keys", "info", f"{len(ignored)} frozen-copy keys ignored (original_module / stray modules_to_save)", tuple(ignored[:50])))
     if unprefixed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from ..ckpt.formats import FORMATS
@@ -32,14 +33,14 @@ def inspect(path: str, fmt: str | None, adapter_config: str | None, lora_alpha: 
 
 
 def _render(info: dict) -> None:
-    console.print(f"[bold]{info['path']}[/bold]")
+    console.print(f"[bold]{escape(info['path'])}[/bold]")
     console.print(
         f"format [bold]{info['format']}[/bold]  layout [bold]{info['layout']}[/bold]  "
         f"{info['num_tensors']} tensors  {human_bytes(info['total_bytes'])}  "
         + " ".join(f"{k}×{v}" for k, v in info["dtypes"].items())
     )
     if info["base_model"]:
-        console.print(f"base model: {info['base_model']}")
+        console.print(f"base model: {escape(str(info['base_model']))}")
     if info["tie_word_embeddings"] is not None:
         console.print(f"tie_word_embeddings: {info['tie_word_embeddings']}")
     lora = info["lora"]
@@ -49,13 +50,13 @@ def _render(info: dict) -> None:
         flags = [f for f, on in (("DoRA", lora["use_dora"]), ("rsLoRA", lora["use_rslora"])) if on]
         console.print(
             f"LoRA: r={rank} alpha={lora['alpha'] if lora['alpha'] is not None else 'unknown'} scaling={scaling if scaling is not None else 'unknown'} "
-            f"on {lora['num_targeted']} modules ({', '.join(lora['target_modules'])})" + (f" [{', '.join(flags)}]" if flags else "")
+            f"on {lora['num_targeted']} modules ({escape(', '.join(lora['target_modules']))})" + (f" [{', '.join(flags)}]" if flags else "")
         )
     if info["modules_to_save"]:
-        console.print("modules_to_save: " + ", ".join(info["modules_to_save"]))
+        console.print("modules_to_save: " + escape(", ".join(info["modules_to_save"])))
     if info["trainable_token_indices"]:
         for m, ids in info["trainable_token_indices"].items():
-            console.print(f"trainable token rows in {m}: {ids if ids is not None else 'indices unknown (no config)'}")
+            console.print(f"trainable token rows in {escape(m)}: {ids if ids is not None else 'indices unknown (no config)'}")
     table = Table(title=None, show_edge=False, header_style="bold")
     for col in ("group", "tensors", "size", "modules", "layers", "roles"):
         table.add_column(col, justify="right" if col in ("tensors", "size", "modules") else "left")
@@ -67,4 +68,4 @@ def _render(info: dict) -> None:
     console.print(table)
     for f in info["findings"]:
         style = SEVERITY_STYLE.get(f["severity"], "")
-        console.print(f"[{style}]{f['severity']}[/{style}] {f['code']}: {f['message']}")
+        console.print(f"[{style}]{f['severity']}[/{style}] {escape(f['code'])}: {escape(f['message'])}")

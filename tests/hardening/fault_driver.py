@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -43,6 +44,22 @@ def state(out: Path, expected: set[str]) -> str:
     except Exception as e:  # noqa: BLE001 - report, the test asserts
         return f"partial: does not open ({type(e).__name__}: {e})"
     return "complete" if got == expected else f"partial: {len(expected - got)} tensors missing"
+
+
+def adapter_state(out: Path, n_entries: int | None) -> str:
+    """For a converted/extracted adapter (dir or .pth): 'absent', 'complete', or what is wrong."""
+    from qvl_plugin.ckpt.view import open_checkpoint
+
+    if not os.path.lexists(out):
+        return "absent"
+    if out.is_dir() and not (out / "adapter_config.json").is_file():
+        return f"partial: no adapter_config.json in {sorted(os.listdir(out))}"
+    try:
+        with open_checkpoint(out) as ckpt:
+            n = len(ckpt.entries)
+    except Exception as e:  # noqa: BLE001
+        return f"partial: does not open ({type(e).__name__}: {e})"
+    return "complete" if n_entries is None or n == n_entries else f"partial: {n} of {n_entries} tensors"
 
 
 def siblings(out: Path) -> list[str]:
@@ -113,11 +130,53 @@ def main() -> None:
         st = state(out, expected)
         result["kills"].append({"delay": round(delay, 3), "killed": killed, "state": st, "left": siblings(out)})
         if os.path.lexists(out):
-            import shutil
-
             shutil.rmtree(out)
 
     result["left_before_rerun"] = siblings(out)
+
+    # convert (both ways) and extract, killed the same way
+    if args.get("convert_extract", True):
+        from qvl_plugin.ckpt.convert import convert
+        from qvl_plugin.ckpt.extract import extract
+
+        with open_checkpoint(adapter) as a:
+            n_adapter = len(a.entries)
+        dump = ref_dir / "dump.pth"
+        ops = {
+            "convert-pth": (lambda o: convert(adapter, "pth", o), "x.pth"),
+            "convert-peft": (lambda o: convert(dump, "peft", o, adapter_config=adapter / "adapter_config.json"), "peft"),
+            "extract": (lambda o: extract(ref_dir / "out0", base, o, rank=4), "extracted"),
+        }
+        result["ops"] = {}
+        for name, (fn, leaf) in ops.items():
+            odir = work / name
+            odir.mkdir()
+            t0 = time.monotonic()
+            pid = child(lambda fn=fn, o=odir / ("ref-" + leaf): fn(o))
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            dur = time.monotonic() - t0
+            if name == "convert-pth" and code == 0:
+                os.link(odir / ("ref-" + leaf), dump)
+            entry = {"ref_code": code, "duration": dur, "kills": []}
+            o = odir / leaf
+            for i in range(args.get("op_kills", 3)):
+                delay = rng.uniform(0, dur)
+                pid = child(lambda fn=fn, o=o: fn(o))
+                time.sleep(delay)
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                st = adapter_state(o, n_adapter if name != "extract" else None)
+                entry["kills"].append({"delay": round(delay, 3), "state": st, "left": sorted(x for x in os.listdir(odir) if not x.startswith("ref-") and x != leaf)})
+                if os.path.isdir(o):
+                    shutil.rmtree(o)
+                elif os.path.lexists(o):
+                    os.unlink(o)
+            # a rerun succeeds and clears what the killed runs left
+            pid = child(lambda fn=fn, o=o: fn(o))
+            entry["rerun_code"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            entry["rerun_state"] = adapter_state(o, n_adapter if name != "extract" else None)
+            entry["left_after_rerun"] = sorted(x for x in os.listdir(odir) if not x.startswith("ref-") and x != leaf)
+            result["ops"][name] = entry
 
     # concurrent runs into one OUT, with and without --force
     for force in (False, True):

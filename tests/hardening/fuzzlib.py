@@ -267,7 +267,7 @@ def adapter_config_inputs(draw) -> Callable[[Path], Built]:
         if choice == 0:
             cfg.pop(name, None)
         elif name in ("rank_pattern", "alpha_pattern") and choice == 1:
-            cfg[name] = draw(st.dictionaries(_pattern_keys, json_values, max_size=3))
+            cfg[name] = draw(st.dictionaries(_pattern_keys, st.integers(1, 64) | st.integers(1, 64) | json_values, max_size=3))
         elif name in ("trainable_token_indices", "token_indices") and choice == 1:
             cfg[name] = draw(st.lists(st.integers(-2, 20), max_size=4) | st.dictionaries(st.sampled_from(["embed_tokens", "wte", "x"]), st.lists(st.integers(-2, 20), max_size=3)))
         else:

@@ -6,16 +6,14 @@ that looks like a model -- and a rerun after any fault succeeds.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -85,7 +83,7 @@ def _siblings(out: Path) -> set[str]:
 def driver(big_pair, tmp_path_factory):
     base, adapter = big_pair
     work = tmp_path_factory.mktemp("faults")
-    args = {"base": str(base), "adapter": str(adapter), "work": str(work), "seed": 6, "kills": 8}
+    args = {"base": str(base), "adapter": str(adapter), "work": str(work), "seed": 6, "kills": 6}
     env = dict(_env(), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("fault_driver.py")), json.dumps(args)],
                           capture_output=True, text=True, timeout=300, env=env)
@@ -113,6 +111,53 @@ def test_kill9_at_random_points_leaves_no_partial_out(driver, big_pair):
         merge(adapter, base, out, max_shard_size="20MB")
     assert _digest(out) == driver["reference"]
     assert not _siblings(out), f"stale temp dirs survive a rerun: {sorted(_siblings(out))}"
+
+
+@pytest.mark.parametrize("op", ["convert-pth", "convert-peft", "extract"])
+def test_kill9_during_convert_and_extract(driver, op):
+    r = driver["ops"][op]
+    print(f"\n{op}: {r}")
+    assert r["ref_code"] == 0, r
+    for k in r["kills"]:
+        assert k["state"] in ("absent", "complete"), k
+    assert r["rerun_code"] == 0 and r["rerun_state"] == "complete", r
+    # (clearing what killed runs left is checked deterministically in test_stale_temp_*)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_dir_of_a_dead_run_is_cleared(small_pair, tmp_path):
+    from qvl_plugin.ckpt.merge import merge
+
+    base, adapter = small_pair
+    out = tmp_path / "merged"
+    stale = tmp_path / f".merged.qvl-tmp-{_dead_pid()}-abc123"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    alive = tmp_path / f".merged.qvl-tmp-{os.getpid()}-live"  # a running process's temp dir is left alone
+    alive.mkdir()
+    merge(adapter, base, out, max_shard_size="100KB")
+    assert not stale.exists() and alive.exists()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "writer._clean_stale removes stale temp entries with shutil.rmtree(ignore_errors=True), which silently does "
+    "nothing for a FILE: the '.x.pth.qvl-tmp-PID-*' temp file that a killed `convert --to pth` (atomic_file) "
+    "leaves behind is never cleared (seen in the kill -9 test). Fix: in _clean_stale, `if p.is_dir() and not "
+    "p.is_symlink(): shutil.rmtree(p, ignore_errors=True) else: p.unlink(missing_ok=True)`."))
+def test_stale_temp_file_of_a_dead_run_is_cleared(small_pair, tmp_path):
+    from qvl_plugin.ckpt.convert import convert
+
+    _, adapter = small_pair
+    stale = tmp_path / f".x.pth.qvl-tmp-{_dead_pid()}-abc123"
+    stale.write_bytes(b"half a zip")
+    convert(adapter, "pth", tmp_path / "x.pth")
+    assert (tmp_path / "x.pth").is_file()
+    assert not stale.exists()
 
 
 @pytest.mark.parametrize("force", [False, True])
@@ -153,6 +198,22 @@ def test_existing_out_needs_force_and_force_keeps_a_valid_model(small_pair, tmp_
 
 
 # --- concurrent runs into the same OUT ---------------------------------------------------------------
+
+@pytest.mark.skipif(not (has_command("convert") and has_command("extract")), reason="convert/extract have not landed")
+def test_convert_and_extract_refuse_out_inside_input(small_pair, tmp_path):
+    base, adapter = small_pair
+    merged = tmp_path / "merged"
+    assert cli("merge", adapter, "--base", base, "-o", merged).exit_code == 0
+    before = _digest(base), _digest(adapter), _digest(merged)
+    for force in ([], ["--force"]):
+        for out in (adapter, adapter / "sub"):
+            assert_one_line_error(cli("convert", adapter, "--to", "peft", "-o", out, *force))
+        assert_one_line_error(cli("convert", adapter, "--to", "pth", "-o", adapter / "x.pth", *force))
+        assert_one_line_error(cli("convert", adapter, "--to", "pth", "-o", adapter / "adapter_model.safetensors", *force))
+        for out in (base, base / "sub", merged, merged / "sub"):
+            assert_one_line_error(cli("extract", merged, "--base", base, "-o", out, "--rank", 2, *force))
+    assert (_digest(base), _digest(adapter), _digest(merged)) == before
+
 
 # --- OUT inside an input, through the library -------------------------------------------------------
 
@@ -268,18 +329,28 @@ def _can_mount() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
 
 
-@pytest.mark.skipif(not _can_mount(), reason="needs root to mount a small tmpfs")
+@contextlib.contextmanager
+def small_tmpfs(tmp_path: Path, size: str = "30m"):
+    """A real, small file system (tmpfs) mounted for the block; skips without the right to mount."""
+    if not _can_mount():
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = tmp_path / "small-fs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mount -t tmpfs not permitted here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 def test_full_disk_real_tmpfs(big_pair, tmp_path):
     """A real full file system (30 MB tmpfs, ~100 MB model): clear error, nothing left on it."""
     from qvl_plugin.ckpt.merge import merge
     from qvl_plugin.errors import QvlError
 
     base, adapter = big_pair
-    mnt = tmp_path / "small-fs"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("mount -t tmpfs not permitted here")
-    try:
+    with small_tmpfs(tmp_path) as mnt:
         with pytest.raises(QvlError, match="(?i)no space left"):
             merge(adapter, base, mnt / "merged", max_shard_size="20MB")
         assert os.listdir(mnt) == [], f"partial output left on the full disk: {os.listdir(mnt)}"
@@ -287,8 +358,30 @@ def test_full_disk_real_tmpfs(big_pair, tmp_path):
             res = cli("merge", adapter, "--base", base, "-o", mnt / "merged", "--max-shard-size", "20MB")
             assert_one_line_error(res, "no space left")
             assert os.listdir(mnt) == []
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        if has_command("convert"):  # the adapter is ~50 MB (a 200k-row lm_head): 30 MB cannot hold it
+            dump = tmp_path / "dump.pth"
+            assert cli("convert", adapter, "--to", "pth", "-o", dump).exit_code == 0
+            res = cli("convert", dump, "--to", "peft", "-o", mnt / "peft", "--adapter-config", adapter / "adapter_config.json")
+            assert_one_line_error(res, "no space left")
+            assert os.listdir(mnt) == []
+            res = cli("convert", adapter, "--to", "pth", "-o", mnt / "a.pth", debug=False)
+            assert res.exit_code == 1 and os.listdir(mnt) == [], (res.output, os.listdir(mnt))
+
+
+@pytest.mark.skipif(not has_command("convert"), reason="convert has not landed")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "convert --to pth on a full disk: torch.save raises RuntimeError ('[enforce fail at inline_container.cc:672] "
+    "unexpected pos ...'), not OSError, so writer.atomic_file does not turn it into WriteError and the CLI's "
+    "generic catch prints 'error: RuntimeError: ...'. The temp file IS removed. Fix (convert._to_pth or "
+    "atomic_file.__exit__): save through a Python file object -- `with open(tmp, 'wb') as f: torch.save(sd, f)` -- "
+    "then on RuntimeError whose __context__ is an OSError raise WriteError(f'cannot write {out}: no space left on "
+    "device' if ENOSPC else strerror); other RuntimeErrors from torch.save -> WriteError too."))
+def test_full_disk_convert_to_pth_is_a_clear_error(big_pair, tmp_path):
+    _, adapter = big_pair
+    with small_tmpfs(tmp_path) as mnt:
+        res = cli("convert", adapter, "--to", "pth", "-o", mnt / "a.pth")
+        assert os.listdir(mnt) == []
+        assert_one_line_error(res, "no space left")
 
 
 # --- output verification before the rename ----------------------------------------------------------
@@ -387,11 +480,6 @@ def test_checksum_manifest_matches_sha256sum(small_pair, tmp_path):
         assert _checksum_file(out2).read_text() == manifest.read_text()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "audit does not verify the --checksum manifest yet. Expected: `qvl-ckpt audit OUT` on a merged dir that "
-    "holds writer.CHECKSUM_NAME (sha256sum format, 'HEX  NAME' per file) recomputes every listed file and "
-    "reports finding code 'checksum-mismatch' (severity error, keys = the file names) for a differing or "
-    "missing file, and 'checksum-ok' (info) otherwise; exit 1 on mismatch."))
 def test_audit_verifies_checksum_manifest(small_pair, tmp_path):
     from qvl_plugin.ckpt.merge import merge
 
@@ -408,4 +496,35 @@ def test_audit_verifies_checksum_manifest(small_pair, tmp_path):
     bad = cli("audit", out, "--json")
     assert bad.exit_code == 1, bad.output
     codes = {f["code"] for f in json.loads(bad.stdout)["findings"]}
+    assert "checksum-mismatch" in codes, codes
+    assert "checksum-mismatch" not in ok.stdout and ok.exit_code in (0, 1)
+
+
+@pytest.mark.parametrize("line", [
+    "0" * 64 + "  ../outside.txt",
+    "0" * 64 + "  /etc/hostname",
+    "0" * 64 + "  link-out",
+    "0" * 64 + "  fifo",
+    "0" * 64 + "  no-such-file",
+    "not a checksum line",
+    "\udcff" * 3,
+])
+def test_audit_survives_a_hostile_manifest(small_pair, tmp_path, line):
+    """A manifest is input too: names outside OUT, links out, FIFOs, garbage -> a finding, never a read outside."""
+    from qvl_plugin.ckpt import writer as writer_mod
+    from qvl_plugin.ckpt.merge import merge
+
+    require_command("audit")
+    base, adapter = small_pair
+    out = tmp_path / "merged"
+    merge(adapter, base, out, max_shard_size="100KB", checksum=True)
+    (tmp_path / "outside.txt").write_text("secret")
+    (out / "link-out").symlink_to(tmp_path / "outside.txt")
+    os.mkfifo(out / "fifo")
+    manifest = out / writer_mod.CHECKSUM_NAME
+    manifest.write_bytes(manifest.read_bytes() + line.encode("utf-8", "surrogateescape") + b"\n")
+    res = cli("audit", out, "--json")
+    assert isinstance(res.exception, (SystemExit, type(None))), res.exception
+    assert res.exit_code == 1, res.output
+    codes = {f["code"] for f in json.loads(res.stdout)["findings"]}
     assert "checksum-mismatch" in codes, codes

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
 
 from qvl_plugin.ckpt.view import open_checkpoint
 from qvl_plugin.errors import QvlError

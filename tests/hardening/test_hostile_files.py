@@ -169,9 +169,8 @@ def test_pickle_payload_through_console_script(tmp_path):
     """The real entry point, in a fresh process, with the marker relative to its working directory."""
     marker = tmp_path / "MARKER"
     evil = _evil(tmp_path / "evil.bin", marker)
-    for args in (["inspect", evil], ["inspect", evil, "--json", "--lora-alpha", "8"]):
-        proc = run_script(*args, cwd=tmp_path)
-        assert_script_one_line_error(proc, "refused")
+    proc = run_script("inspect", evil, "--json", "--lora-alpha", "8", cwd=tmp_path)
+    assert_script_one_line_error(proc, "refused")
     assert not marker.exists() and not (tmp_path / "MARKER").exists()
 
 

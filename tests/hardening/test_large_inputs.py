@@ -7,7 +7,6 @@ and read back as VmHWM, so the number is what opening + summarizing costs, nothi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

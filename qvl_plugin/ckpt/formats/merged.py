@@ -82,10 +82,9 @@ def read(path: Path) -> RawCheckpoint:
         missing = sorted(k for k in weight_map if k not in seen)
         if missing:
             raise CheckpointError(f"index names {len(missing)} tensors that no shard holds, e.g. {missing[0]!r}")
-    root = path if path.is_dir() else path.parent
 
     def close() -> None:
         for h in handles:
             h.close()
 
-    return RawCheckpoint("merged", root, tensors, files, config=config, notes=notes, close=close)
+    return RawCheckpoint("merged", path, tensors, files, config=config, notes=notes, close=close)
