@@ -20,6 +20,7 @@ from ..ckpt.audit import audit_ok
 from ..ckpt.diff import DiffReport, diff_checkpoints
 from ..ckpt.formats import FORMATS
 from ..errors import QvlError
+from .guard import fail
 from .render import SEVERITY_STYLE, console, print_json
 
 __all__ = ["diff", "audit"]
@@ -71,8 +72,7 @@ def diff(ctx: click.Context, a: str, b: str, base: str | None, atol: float, top:
 
 
 def _trouble(ctx: click.Context, message: str) -> None:
-    click.echo("error: " + (" ".join(message.split()) or "failed"), err=True)
-    ctx.exit(2)
+    fail(message, code=2)
 
 
 def _render_diff(r: DiffReport, top: int) -> None:

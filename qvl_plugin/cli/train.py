@@ -6,21 +6,15 @@ Multi-process: ``torchrun --nproc_per_node N -m qvl_plugin.cli.train RECIPE.yaml
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
-from ..errors import QvlError
+from .guard import QvlCommand, fail
 
 __all__ = ["main"]
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {' '.join(str(message).split()) or 'failed'}", err=True)
-    sys.exit(1)
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=QvlCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--max-steps", type=click.IntRange(min=1), help="Override training_args.max_steps.")
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Override output_dir.")
@@ -33,14 +27,7 @@ def main(config: str, max_steps: int | None, output_dir: str | None, quiet: bool
     image–caption pairs, on CPU, offline; then writes base/, adapter/, adapter.pth and merged/ into
     output_dir and checks that the merged model reproduces the adapter's logits.
     """
-    try:
-        _run(config, max_steps, output_dir, quiet)
-    except QvlError as e:
-        _fail(str(e))
-    except Exception as e:  # never a traceback for the user; QVL_DEBUG=1 shows it
-        if os.environ.get("QVL_DEBUG"):
-            raise
-        _fail(f"{type(e).__name__}: {e}")
+    _run(config, max_steps, output_dir, quiet)
 
 
 def _run(path: str, max_steps: int | None, output_dir: str | None, quiet: bool) -> None:
@@ -80,7 +67,7 @@ def _run(path: str, max_steps: int | None, output_dir: str | None, quiet: bool) 
         ok = result.max_abs_diff < 1e-3
         say(f"merged vs adapter logits: max abs diff {result.max_abs_diff:.2e} ({'ok' if ok else 'MISMATCH'})")
         if not ok:
-            _fail(f"the merged model does not reproduce the adapter (max abs logit diff {result.max_abs_diff:.3g})")
+            fail(f"the merged model does not reproduce the adapter (max abs logit diff {result.max_abs_diff:.3g})")
     say(f"done in {time.perf_counter() - start:.1f}s")
 
 
