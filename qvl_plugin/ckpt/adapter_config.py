@@ -36,10 +36,10 @@ def _check_pattern(key: str, what: str) -> None:
 
 
 def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
-    from peft.utils.other import get_pattern_key
-
     if not patterns:
         return None
+    from peft.utils.other import get_pattern_key  # only when patterns exist: importing peft costs seconds
+
     key = get_pattern_key(list(patterns), module)
     return key if key in patterns else None
 

@@ -11,7 +11,6 @@ transformers layout), i.e. exactly the keys of ``get_peft_model(base, config).st
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field

@@ -18,6 +18,7 @@ chunk of at least :data:`MIN_CHUNK_ROWS` rows gives the same bits as the whole m
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -135,7 +136,7 @@ def merge_lora(
     if kind == "embedding" and out_dtype != torch.float32:
         # PEFT: weight.data += delta.to(weight.dtype) -- the delta is rounded first, then the sum
         delta = delta.to(out_dtype)
-    merged = delta.add_(weight) if delta.is_contiguous() else delta + weight
+    merged = delta.add_(_f32(weight)) if delta.is_contiguous() else delta + weight
     return merged.to(out_dtype)
 
 
@@ -228,23 +229,36 @@ def lora_rows(
     kind: Kind = "linear",
     fan_in_fan_out: bool = False,
     out_dtype: torch.dtype | None = None,
+    work: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows ``start:stop`` of :func:`merge_lora`'s result, given those rows of W (``lora_a``/``lora_b`` fp32).
 
     Equal to ``merge_lora(W, ...)[start:stop]`` bit for bit when the span has >= :data:`MIN_CHUNK_ROWS`
-    rows or is the whole tensor (see :func:`row_spans`).
+    rows or is the whole tensor (see :func:`row_spans`). ``work`` (fp32, at least twice the chunk's size) and
+    ``out`` (``out_dtype``, the chunk's size) are flat buffers reused instead of allocating: the streaming
+    merge's hot loop.
     """
     out_dtype = out_dtype or weight_rows.dtype
     a, b = _f32(lora_a), _f32(lora_b)
+    rows = stop - start
+    shape = (rows,) + tuple(weight_rows.shape[1:])
+    n = rows * (math.prod(shape[1:]) if len(shape) > 1 else 1)
+    res = out.view(-1)[:n].view(shape) if out is not None else torch.empty(shape, dtype=out_dtype)
     if kind == "linear" and not fan_in_fan_out:
-        delta = torch.mm(b[start:stop], a)
+        delta = torch.mm(b[start:stop], a, out=work.view(-1)[:n].view(shape)) if work is not None else torch.mm(b[start:stop], a)
         delta.mul_(scaling)
-    else:  # (B @ A[:, rows]).T: Conv1D (W is (in, out)) and Embedding (W is (vocab, dim))
-        delta = torch.mm(b, a[:, start:stop]).mul_(scaling).T
+        # W + delta in fp32, rounded once on store (PEFT's ``weight.data += delta``). W is widened first: torch's
+        # mixed-dtype add is not vectorised and costs ~3x the two same-dtype passes.
+        w32 = work.view(-1)[n: 2 * n].view(shape).copy_(weight_rows) if work is not None else weight_rows.float()
+        delta.add_(w32)
+        return res.copy_(delta)
+    # (B @ A[:, rows]).T: Conv1D (W is (in, out)) and Embedding (W is (vocab, dim))
+    t_shape = (shape[1], rows)
+    delta = torch.mm(b, a[:, start:stop], out=work.view(-1)[:n].view(t_shape)) if work is not None else torch.mm(b, a[:, start:stop])
+    delta = delta.mul_(scaling).T
     if kind == "embedding" and out_dtype != torch.float32:
-        delta = delta.to(out_dtype)
-    if delta.is_contiguous() and delta.dtype == torch.float32:
-        merged = delta.add_(weight_rows)
-    else:
-        merged = delta + weight_rows
-    return merged.to(out_dtype)
+        res.copy_(delta)  # PEFT rounds the embedding delta to the weight dtype first ...
+        res.add_(weight_rows)  # ... then adds in that dtype
+        return res
+    return torch.add(delta, weight_rows, out=res)

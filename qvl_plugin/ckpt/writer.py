@@ -432,10 +432,20 @@ class CheckpointWriter:
 
     def write_rows(self, name: str, chunks: Iterable[torch.Tensor]) -> None:
         """A tensor given as consecutive row chunks along dim 0."""
-        spec = self._start(name)
+        self.begin(name)
         for chunk in chunks:
-            self._check(spec, chunk, rows=True)
-            self._emit(_as_bytes(chunk))
+            self.write_chunk(chunk)
+        self.end()
+
+    def begin(self, name: str) -> None:
+        """Start a tensor written piecewise with :meth:`write_chunk` and closed by :meth:`end`."""
+        self._start(name)
+
+    def write_chunk(self, chunk: torch.Tensor) -> None:
+        self._check(self._current, chunk, rows=True)
+        self._emit(_as_bytes(chunk))
+
+    def end(self) -> None:
         self._end()
 
     def copy_range(self, name: str, src: str | Path, offset: int, nbytes: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -25,7 +26,9 @@ GROUPS = ("embedding", "head", "language", "vision", "merger", "other")
 
 def _transformers_renames(class_name: str | None) -> list[tuple[str, str]] | None:
     """The disk->memory renames transformers itself applies on load, when it has them."""
-    if not class_name:
+    if not class_name or "transformers" not in sys.modules:
+        # Importing transformers costs seconds per command; the JSON carries the same rules, and
+        # tests/layouts checks them against transformers' mapping.
         return None
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping

@@ -84,13 +84,18 @@ def test_dump_with_adapter_config_patterns(qwen2_vl_base, tmp_path):
     _check(tmp_path / "out", pm)
 
 
-def test_sharded_base_and_output_bf16_equal_peft_bitwise(qwen2_vl_base, tmp_path):
-    """bf16 base: the merged tensors equal PEFT's merge_and_unload bit for bit; sharding like save_pretrained."""
+def test_sharded_base_and_output_bf16_equal_peft_bitwise(qwen2_vl_base, tmp_path, monkeypatch):
+    """bf16 base: the merged tensors equal PEFT's merge_and_unload bit for bit; sharding like save_pretrained.
+
+    Row chunks of 64 rows, so the embedding (256 rows) and the MLP weights stream in several chunks."""
+    import qvl_plugin.ckpt.merge as merge_module
+
+    monkeypatch.setattr(merge_module, "CHUNK_ELEMENTS", 64 * 64)
     model, _ = qwen2_vl_base
     bf16 = build_model("qwen2-vl").to(torch.bfloat16)
     base = save_base(bf16, tmp_path / "base", max_shard_size="40KB")
     assert (base / "model.safetensors.index.json").is_file()
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "embed_tokens"], modules_to_save=["lm_head"])
     pm, adapter = make_adapter(bf16, cfg, tmp_path / "a")
     report = merge(adapter, base, tmp_path / "out", max_shard_size="30KB")
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
@@ -157,3 +162,17 @@ def test_dtype_option_and_plan_is_header_only(qwen2_vl_base, tmp_path):
     merged = _load(tmp_path / "out")
     assert merged.lm_head.weight.dtype == torch.bfloat16
     assert (logits(merged.float()) - logits(pm)).abs().max() < 0.05
+
+
+def test_bin_base_and_untouched_config(qwen2_vl_base, tmp_path):
+    """A ``pytorch_model.bin`` base (read with weights_only + mmap) gives a safetensors output."""
+    model, base = qwen2_vl_base
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    pm, adapter = make_adapter(model, ADAPTER_VARIANTS["tokens"]("x"), tmp_path / "a")
+    report = merge(adapter, tmp_path / "bin", tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not list((tmp_path / "out").glob("*.bin"))
+    assert (tmp_path / "out" / "config.json").read_bytes() == (tmp_path / "bin" / "config.json").read_bytes()
+    assert report.counts["token_rows"] == 1
+    _check(tmp_path / "out", pm)

@@ -148,6 +148,9 @@ def test_row_chunks_equal_whole_merge(name):
     assert spans[0] == (0, 130) and spans[-1][1] == rows and all(j - i >= mm.MIN_CHUNK_ROWS for i, j in spans)
     parts = [mm.lora_rows(w[i:j], i, j, a, b, 0.7, kind=kind, fan_in_fan_out=fifo) for i, j in spans]
     assert torch.equal(torch.cat(parts), whole)
+    work, out = torch.empty(400 * cols), torch.empty(200 * cols, dtype=torch.bfloat16)  # reused buffers, as the merge does
+    parts = [mm.lora_rows(w[i:j], i, j, a, b, 0.7, kind=kind, fan_in_fan_out=fifo, work=work, out=out).clone() for i, j in spans]
+    assert torch.equal(torch.cat(parts), whole)
     assert mm.streams_by_rows(kind, fifo, dora=False) and not mm.streams_by_rows(kind, fifo, dora=True)
 
 
