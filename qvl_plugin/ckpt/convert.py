@@ -214,7 +214,8 @@ def _to_pth(ckpt: Checkpoint, out: Path, src, base, force: bool, check_load: boo
     finally:
         reader.close()
     with atomic_file(out, [src, base], force) as tmp:
-        torch.save(sd, tmp)
+        with open(tmp, "wb") as f:  # a Python file object: a full disk surfaces as OSError, not torch's RuntimeError
+            torch.save(sd, f)
     report = ConvertReport(out=out, to="pth", tensors=len(sd))
     cfg = ckpt.adapter.raw if ckpt.adapter is not None and ckpt.adapter.raw.get("peft_type") else None
     report.config = cfg

@@ -25,8 +25,6 @@ import torch
 
 from ..errors import AdapterConfigError, CheckpointError, UsageError
 from . import merge_math as mm
-from .formats.merged import weight_files
-from .safety import read_safetensors_header
 from .view import Checkpoint, Entry, Role, open_checkpoint
 from .writer import CheckpointWriter, ShardPlan, TensorSpec, check_output, plan_shards, support_files
 
@@ -85,28 +83,11 @@ class TensorReader:
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
-        self.where: dict[str, tuple[Path, int]] = {}
         self._fds: dict[Path, int] = {}
-        files = list(ckpt.files)
-        chosen: dict[str, str] | None = None
-        if ckpt.format == "merged" and ckpt.path.is_dir():
-            try:
-                _, chosen = weight_files(ckpt.path)
-            except CheckpointError:
-                chosen = None
-        for f in files:
-            if f.suffix != ".safetensors" and not _is_safetensors(f):
-                continue
-            header, _ = read_safetensors_header(f)
-            with open(f, "rb") as h:
-                data_start = 8 + int.from_bytes(h.read(8), "little")
-            for key, info in header.items():
-                if chosen is not None and key in chosen and (ckpt.path / chosen[key]).resolve() != f.resolve():
-                    continue
-                self.where[key] = (f, data_start + info["data_offsets"][0])
 
-    def location(self, entry: Entry) -> tuple[Path, int] | None:
-        return self.where.get(entry.key)
+    @staticmethod
+    def location(entry: Entry) -> tuple[Path, int] | None:
+        return entry.location
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -149,15 +130,6 @@ class TensorReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-def _is_safetensors(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        return len(head) == 9 and head[8:9] == b"{"
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ that reads it only when asked. Merge, convert, diff and audit never parse key st
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class Entry:
     nbytes: int
     source_module: str
     _load: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+    location: tuple[Path, int] | None = field(default=None, repr=False, compare=False)
+    """(file, byte offset) of the raw data when stored in safetensors: lets writers read rows or copy bytes."""
 
     @property
     def target(self) -> str:
@@ -56,10 +59,7 @@ class Entry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     def load(self) -> torch.Tensor:
         """Read this tensor (and only this one). Treat the result as read-only."""
@@ -126,10 +126,7 @@ class Checkpoint:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * dtype.itemsize
+    return math.prod(shape) * dtype.itemsize
 
 
 _NDIM = {
@@ -280,6 +277,7 @@ def _build(raw: RawCheckpoint, adapter_config, lora_alpha, layout) -> Checkpoint
             nbytes=_nbytes(t.shape, t.dtype),
             source_module=p.module,
             _load=t.load,
+            location=t.location,
         )
         for t, p in parsed
     ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import hashlib
+import math
 import json
 import os
 import re
@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..errors import QvlError, UsageError
+from .checksums import CHECKSUM_NAME, write_manifest
 from .safety import SAFETENSORS_DTYPES, read_safetensors_header
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-CHECKSUM_NAME = "SHA256SUMS"
 _DTYPE_NAMES = {dt: name for name, dt in SAFETENSORS_DTYPES.items()}
 _TMP_MARK = ".qvl-tmp-"
 _COPY_BLOCK = 64 << 20
@@ -75,10 +75,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -294,7 +291,10 @@ def _clean_stale(out: Path) -> None:
             continue
         m = re.match(r"(\d+)-", p.name[len(prefix):])
         if m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:  # a killed single-file write (convert --to pth)
+                p.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -530,16 +530,6 @@ class CheckpointWriter:
             if on_disk != index:
                 raise WriteError(f"verification of {self.plan.index_name()} failed")
 
-    def _write_checksums(self) -> None:
-        lines = []
-        for p in sorted(self.tmp.iterdir()):
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                while block := f.read(_COPY_BLOCK):
-                    h.update(block)
-            lines.append(f"{h.hexdigest()}  {p.name}\n")
-        (self.tmp / CHECKSUM_NAME).write_text("".join(lines), encoding="utf-8")
-
     def commit(self) -> Path:
         """Write the index, verify, and move the directory into place."""
         try:
@@ -553,7 +543,7 @@ class CheckpointWriter:
                 self.write_json(self.plan.index_name(), index, sort_keys=True)
             self.verify()
             if self.checksum:
-                self._write_checksums()
+                write_manifest(self.tmp)
             if self.fsync:
                 for p in self.tmp.iterdir():
                     fd = os.open(p, os.O_RDONLY)
@@ -639,5 +629,7 @@ class atomic_file:
         finally:
             if self.tmp is not None:
                 self.tmp.unlink(missing_ok=True)
+        if isinstance(exc, RuntimeError) and isinstance(exc.__context__, OSError):
+            exc = exc.__context__  # torch.save wraps the file object's OSError (e.g. ENOSPC)
         if isinstance(exc, OSError):
             raise WriteError(f"cannot write {self.out}: {'no space left on device' if exc.errno == errno.ENOSPC else exc.strerror or exc}") from None

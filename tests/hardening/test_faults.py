@@ -144,11 +144,6 @@ def test_stale_temp_dir_of_a_dead_run_is_cleared(small_pair, tmp_path):
     assert not stale.exists() and alive.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "writer._clean_stale removes stale temp entries with shutil.rmtree(ignore_errors=True), which silently does "
-    "nothing for a FILE: the '.x.pth.qvl-tmp-PID-*' temp file that a killed `convert --to pth` (atomic_file) "
-    "leaves behind is never cleared (seen in the kill -9 test). Fix: in _clean_stale, `if p.is_dir() and not "
-    "p.is_symlink(): shutil.rmtree(p, ignore_errors=True) else: p.unlink(missing_ok=True)`."))
 def test_stale_temp_file_of_a_dead_run_is_cleared(small_pair, tmp_path):
     from qvl_plugin.ckpt.convert import convert
 
@@ -369,13 +364,6 @@ def test_full_disk_real_tmpfs(big_pair, tmp_path):
 
 
 @pytest.mark.skipif(not has_command("convert"), reason="convert has not landed")
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "convert --to pth on a full disk: torch.save raises RuntimeError ('[enforce fail at inline_container.cc:672] "
-    "unexpected pos ...'), not OSError, so writer.atomic_file does not turn it into WriteError and the CLI's "
-    "generic catch prints 'error: RuntimeError: ...'. The temp file IS removed. Fix (convert._to_pth or "
-    "atomic_file.__exit__): save through a Python file object -- `with open(tmp, 'wb') as f: torch.save(sd, f)` -- "
-    "then on RuntimeError whose __context__ is an OSError raise WriteError(f'cannot write {out}: no space left on "
-    "device' if ENOSPC else strerror); other RuntimeErrors from torch.save -> WriteError too."))
 def test_full_disk_convert_to_pth_is_a_clear_error(big_pair, tmp_path):
     _, adapter = big_pair
     with small_tmpfs(tmp_path) as mnt:

@@ -24,6 +24,7 @@ class RawTensor:
     dtype: torch.dtype
     load: Callable[[], torch.Tensor] = field(repr=False, compare=False)
     storage: Any = field(default=None, repr=False, compare=False)  # identity for duplicate detection (pth)
+    location: tuple[Path, int] | None = field(default=None, repr=False, compare=False)  # safetensors: file, data offset
 
 
 @dataclass

@@ -20,6 +20,8 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
         self.header, self.metadata = read_safetensors_header(path)
+        with open(path, "rb") as f:  # validated above: the data section starts right after the header
+            self.data_start = 8 + int.from_bytes(f.read(8), "little")
         self._handle = None
 
     def _open(self):
@@ -40,7 +42,13 @@ class SafetensorsFile:
 
     def tensors(self) -> list[RawTensor]:
         return [
-            RawTensor(key, tuple(int(s) for s in info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], lambda k=key: self.get(k))
+            RawTensor(
+                key,
+                tuple(int(s) for s in info["shape"]),
+                SAFETENSORS_DTYPES[info["dtype"]],
+                lambda k=key: self.get(k),
+                location=(self.path, self.data_start + info["data_offsets"][0]),
+            )
             for key, info in self.header.items()
         ]
 
