@@ -41,6 +41,7 @@ __all__ = [
     "to_legacy_key",
     "make_adapter",
     "make_dump",
+    "rewrite_adapter",
     "make_clean_dump",
     "text_inputs",
     "mm_inputs",
@@ -325,6 +326,17 @@ def make_adapter(model: nn.Module, lora_config: LoraConfig, path: str | Path | N
             sd = load_file(str(f))
             save_file({to_legacy_key(k): v for k, v in sd.items()}, str(f), metadata={"format": "pt"})
     return peft_model, path
+
+
+def rewrite_adapter(src: str | Path, dst: str | Path, fn: Callable[[dict], dict]) -> Path:
+    """Copy an adapter dir and edit its tensors with ``fn(dict) -> dict`` (to build broken cases)."""
+    import shutil
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    f = dst / "adapter_model.safetensors"
+    save_file({k: v.contiguous() for k, v in fn(load_file(str(f))).items()}, str(f), metadata={"format": "pt"})
+    return dst
 
 
 def make_dump(peft_model: nn.Module, path: str | Path) -> Path:

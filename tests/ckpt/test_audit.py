@@ -10,10 +10,9 @@ import shutil
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
-
+from safetensors.torch import load_file
 from qvl_plugin.ckpt.audit import CODES, audit, audit_ok
-from tests.factories import ADAPTER_VARIANTS, make_adapter, make_dump, to_legacy_key
+from tests.factories import rewrite_adapter, ADAPTER_VARIANTS, make_adapter, make_dump, to_legacy_key
 
 QV = ["q_proj", "v_proj"]
 MTS = LoraConfig(r=4, lora_alpha=8, target_modules=QV, modules_to_save=["embed_tokens", "lm_head"])
@@ -28,11 +27,6 @@ def by_code(findings, code):
     return next(f for f in findings if f.code == code)
 
 
-def rewrite(src, dst, fn):
-    shutil.copytree(src, dst)
-    f = dst / "adapter_model.safetensors"
-    save_file({k: v.contiguous() for k, v in fn(load_file(str(f))).items()}, str(f), metadata={"format": "pt"})
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -91,19 +85,19 @@ def test_merged_model_audits_clean_and_a_merged_copy_of_the_base_is_a_noop(tied,
 
 def test_zeroed_lora_b_is_a_noop(qv, tied, tmp):
     zero_b = lambda sd: {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in sd.items()}
-    lora_only = rewrite(qv["adapter"], tmp / "zero-qv", zero_b)
+    lora_only = rewrite_adapter(qv["adapter"], tmp / "zero-qv", zero_b)
     f = audit(lora_only)
     assert codes(f, "error") == {"noop-adapter"}
     assert all(".lora_B." in k for k in by_code(f, "noop-adapter").keys) and len(by_code(f, "noop-adapter").keys) == 4
 
     # with trained modules_to_save the adapter still does something ...
-    with_mts = rewrite(tied["adapter"], tmp / "zero-mts", zero_b)
+    with_mts = rewrite_adapter(tied["adapter"], tmp / "zero-mts", zero_b)
     assert "noop-adapter" not in codes(audit(with_mts, base=tied["base"]))
     # ... unless those copies equal the base; without the base that cannot be known: a warning only
     base = {e: t for e, t in load_file(str(tied["base"] / "model.safetensors")).items()}
     emb = base["model.embed_tokens.weight"]
     untouched = lambda sd: {**zero_b(sd), EMBED: emb.clone(), HEAD: emb.clone()}
-    noop = rewrite(tied["adapter"], tmp / "zero-mts-base", untouched)
+    noop = rewrite_adapter(tied["adapter"], tmp / "zero-mts-base", untouched)
     assert "noop-adapter" in codes(audit(noop, base=tied["base"]))
     assert codes(audit(noop), "warning") >= {"noop-lora"} and "noop-adapter" not in codes(audit(noop))
 
@@ -116,7 +110,7 @@ def test_untrained_dora_and_embedding_lora_are_noops(qwen2_vl_base, tmp):
         assert "noop-adapter" in codes(audit(tmp / f"init-{name}", base=base)), name
     # a trained DoRA magnitude is an effect even with lora_B at zero
     _, trained = make_adapter(model, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=QV), tmp / "dora-trained")
-    half = rewrite(trained, tmp / "dora-zero-b", lambda sd: {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in sd.items()})
+    half = rewrite_adapter(trained, tmp / "dora-zero-b", lambda sd: {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in sd.items()})
     assert "noop-adapter" not in codes(audit(half, base=base))
 
 
@@ -126,7 +120,7 @@ def test_empty_tensors_from_zero3(tied, tmp):
         sd["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.empty(0)
         return sd
 
-    f = audit(rewrite(tied["adapter"], tmp / "zero3", zero3), base=tied["base"])
+    f = audit(rewrite_adapter(tied["adapter"], tmp / "zero3", zero3), base=tied["base"])
     empty = by_code(f, "empty-tensor")
     assert empty.severity == "error" and set(empty.keys) == {HEAD, "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"}
     assert "noop-adapter" not in codes(f)
@@ -139,7 +133,7 @@ def test_nan_and_inf(qv, tmp):
         sd[keys[1]][1, 1] = float("inf")
         return sd
 
-    f = audit(rewrite(qv["adapter"], tmp / "nan", poison))
+    f = audit(rewrite_adapter(qv["adapter"], tmp / "nan", poison))
     assert codes(f, "error") == {"nan-inf"} and len(by_code(f, "nan-inf").keys) == 2
 
 
@@ -172,7 +166,7 @@ def test_adapter_of_another_model(qwen2_vl_base, tmp):
 
 
 def test_legacy_layout_is_info_and_still_matches_the_base(qv, tmp):
-    legacy = rewrite(qv["adapter"], tmp / "legacy", lambda sd: {to_legacy_key(k): v for k, v in sd.items()})
+    legacy = rewrite_adapter(qv["adapter"], tmp / "legacy", lambda sd: {to_legacy_key(k): v for k, v in sd.items()})
     f = audit(legacy, base=qv["base"])
     assert codes(f) == {"legacy-layout"} and by_code(f, "legacy-layout").severity == "info"
     assert audit_ok(f, strict=True)

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
 
 from qvl_plugin.ckpt.diff import diff_checkpoints, lora_effect_stats, tensor_stats
 from qvl_plugin.errors import UsageError
-from tests.factories import ADAPTER_VARIANTS, make_adapter, make_dump, to_legacy_key
+from tests.factories import rewrite_adapter, ADAPTER_VARIANTS, make_adapter, make_dump, to_legacy_key
 
 QV = ["q_proj", "v_proj"]
 MTS = LoraConfig(r=4, lora_alpha=8, target_modules=QV, modules_to_save=["embed_tokens", "lm_head"])
 
 
-def _rewrite(src, dst, fn):
-    """Copy an adapter dir and edit its tensors: ``fn(dict) -> dict``."""
-    shutil.copytree(src, dst)
-    f = dst / "adapter_model.safetensors"
-    save_file({k: v.contiguous() for k, v in fn(load_file(str(f))).items()}, str(f), metadata={"format": "pt"})
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +93,7 @@ def test_dump_vs_adapter_of_the_same_run_is_equal(run):
 
 
 def test_legacy_and_new_layout_adapter_are_one_row_each(run):
-    legacy = _rewrite(run["adapter"], run["tmp"] / "legacy", lambda sd: {to_legacy_key(k): v for k, v in sd.items()})
+    legacy = rewrite_adapter(run["adapter"], run["tmp"] / "legacy", lambda sd: {to_legacy_key(k): v for k, v in sd.items()})
     report = diff_checkpoints(legacy, run["adapter"])
     assert report.equal and len(report.rows) == 6
     assert all(r.keys_a != r.keys_b for r in report.rows if r.kind == "lora")
@@ -115,7 +107,7 @@ def test_two_runs_differ_and_largest_change_comes_first(run):
         sd[head] = sd[head] + 1e-4
         return sd
 
-    changed = _rewrite(run["adapter"], run["tmp"] / "edited", edit)
+    changed = rewrite_adapter(run["adapter"], run["tmp"] / "edited", edit)
     report = diff_checkpoints(changed, run["adapter"])
     assert not report.equal
     rows = report.changed
@@ -145,9 +137,9 @@ def test_lora_pairs_compare_by_effect_not_factors(run):
 
         return fn
 
-    exact = _rewrite(run["adapter"], run["tmp"] / "x2", rescale(2.0))
+    exact = rewrite_adapter(run["adapter"], run["tmp"] / "x2", rescale(2.0))
     assert diff_checkpoints(exact, run["adapter"]).equal
-    inexact = _rewrite(run["adapter"], run["tmp"] / "x3", rescale(3.0))
+    inexact = rewrite_adapter(run["adapter"], run["tmp"] / "x3", rescale(3.0))
     assert diff_checkpoints(inexact, run["adapter"], atol=1e-6).equal
 
     def grow_rank(sd):  # r 4 -> 8: extra rows of A meet zero columns of B; same delta
@@ -158,7 +150,7 @@ def test_lora_pairs_compare_by_effect_not_factors(run):
                 sd[k] = torch.cat([sd[k], torch.zeros_like(sd[k])], dim=1)
         return sd
 
-    wider = _rewrite(run["adapter"], run["tmp"] / "r8", grow_rank)
+    wider = rewrite_adapter(run["adapter"], run["tmp"] / "r8", grow_rank)
     # alpha 8 -> scaling 8/8 instead of 8/4: equal only once B is scaled back
     report = diff_checkpoints(wider, run["adapter"])
     lora_rows = [r for r in report.rows if r.kind == "lora"]

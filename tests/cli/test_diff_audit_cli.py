@@ -11,10 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
 
 from qvl_plugin.cli import main
-from tests.factories import make_adapter, make_dump, to_legacy_key
+from tests.factories import rewrite_adapter, make_adapter, make_dump, to_legacy_key
 
 QV = ["q_proj", "v_proj"]
 MTS = LoraConfig(r=4, lora_alpha=8, target_modules=QV, modules_to_save=["embed_tokens", "lm_head"])
@@ -24,11 +23,6 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def rewrite(src, dst, fn):
-    shutil.copytree(src, dst)
-    f = dst / "adapter_model.safetensors"
-    save_file({k: v.contiguous() for k, v in fn(load_file(str(f))).items()}, str(f), metadata={"format": "pt"})
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +58,10 @@ def runs(qwen2_vl_base, qwen2_vl_tied_base, tmp_path_factory):
     torch.save({"w": torch.zeros(2), "p": Payload()}, tmp / "payload.pth")
     return dict(
         base=base, tied_base=tied_base, clean=clean, mts=mts, dump=dump, other=other, merged=merged, resized=resized,
-        zero=rewrite(clean, tmp / "zero", lambda sd: {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in sd.items()}),
-        empty=rewrite(mts, tmp / "empty", lambda sd: {**sd, "base_model.model.lm_head.weight": torch.empty(0)}),
-        nan=rewrite(clean, tmp / "nan", nan),
-        legacy=rewrite(clean, tmp / "legacy", lambda sd: {to_legacy_key(k): v for k, v in sd.items()}),
+        zero=rewrite_adapter(clean, tmp / "zero", lambda sd: {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in sd.items()}),
+        empty=rewrite_adapter(mts, tmp / "empty", lambda sd: {**sd, "base_model.model.lm_head.weight": torch.empty(0)}),
+        nan=rewrite_adapter(clean, tmp / "nan", nan),
+        legacy=rewrite_adapter(clean, tmp / "legacy", lambda sd: {to_legacy_key(k): v for k, v in sd.items()}),
         trunc=trunc, payload=tmp / "payload.pth", marker=marker,
     )
 
