@@ -77,9 +77,9 @@ def test_redos_pattern_does_not_hang(tmp_path):
             pass
     """)
     try:
-        subprocess.run([sys.executable, "-c", code], timeout=3, check=True)
+        subprocess.run([sys.executable, "-c", code], timeout=60, check=True)
     except subprocess.TimeoutExpired:
-        raise AssertionError("inspect still running after 3 s")
+        raise AssertionError("inspect still running after 60 s (hang)")
 
 
 def test_rich_markup_in_file_strings_is_printed_literally(tmp_path):
@@ -104,6 +104,6 @@ def test_adapter_config_fifo_does_not_block(tmp_path):
             pass
     """)
     try:
-        subprocess.run([sys.executable, "-c", code], timeout=3, check=True)
+        subprocess.run([sys.executable, "-c", code], timeout=60, check=True)
     except subprocess.TimeoutExpired:
         raise AssertionError("blocked on a FIFO --adapter-config")
