@@ -1,6 +1,6 @@
 """Benchmark: qvl-ckpt merge vs the PEFT merge path vs a plain copy, at two model sizes.
 
-    python tools/bench_merge.py --workdir bench-merge --repeat 5 --preview-lazy-imports   # ~1.1 and ~2.2 GB, ~10 min
+    python tools/bench_merge.py --workdir bench-merge --repeat 3   # ~1.1 and ~2.2 GB, ~6 min
 
 Builds a synthetic Qwen2-VL-shaped bf16 checkpoint with the real 2B widths (hidden 1536, MLP 8960, vocab
 151936, tied embeddings, vision width 1280) and fewer layers, plus an r=64 ``all-linear`` adapter with
@@ -164,16 +164,7 @@ def _py(*args: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), *args]
 
 
-# --preview-lazy-imports: what (a) costs once qvl-ckpt stops importing transformers (layouts: the JSON already
-# holds the renames) and peft (adapter_config: only needed when rank/alpha patterns exist) on every run.
-LAZY_IMPORTS = (
-    "import qvl_plugin.layouts as L; L._transformers_renames = lambda name: None; "
-    "import qvl_plugin.ckpt.adapter_config as A; _pk = A._pattern_key; "
-    "A._pattern_key = lambda patterns, module: _pk(patterns, module) if patterns else None; "
-)
-
-
-def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool, preview: bool = False) -> dict:
+def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool) -> dict:
     base, adapter = work / f"base-L{layers}", work / f"adapter-L{layers}"
     if not (base / "config.json").is_file():
         print(f"building base with {layers} layers ...", file=sys.stderr)
@@ -186,12 +177,10 @@ def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool, preview: bo
         "copy": lambda out: (["cp", "-r", str(base), str(out)], False),
         "qvl": lambda out: ([sys.executable, "-c", "from qvl_plugin.cli import main; main()", "merge", str(adapter), "--base", str(base),
                              "-o", str(out), "--json"], True),
-        "qvl-lazy": lambda out: ([sys.executable, "-c", LAZY_IMPORTS + "from qvl_plugin.cli import main; main()", "merge", str(adapter),
-                                  "--base", str(base), "-o", str(out), "--json"], True),
         "peft": lambda out: (_py("--child", "peft-merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)), False),
     }
     for name, make in runs.items():
-        if (name == "peft" and skip_peft) or (name == "qvl-lazy" and not preview):
+        if name == "peft" and skip_peft:
             continue
         best = None
         for _ in range(repeat):
@@ -237,19 +226,10 @@ def _table(results: list[dict], startup: dict) -> str:
             + (f"{b['seconds'] / a['seconds']:.1f}x faster" if b else "") + " | "
             + (f"{a['rss_mb'] / b['rss_mb']:.2f}x" if b else "") + f" | {a['seconds'] / c['seconds']:.1f} | {split} |"
         )
-    for r in results:
-        if "qvl-lazy" in r:
-            z, b = r["qvl-lazy"], r.get("peft")
-            lines.append("")
-            lines.append(f"{gb(r['base_bytes'])}: (a) with lazy transformers/peft imports (--preview-lazy-imports): {z['seconds']:.1f} s, "
-                         f"{z['rss_mb']:.0f} MB" + (f" = {b['seconds'] / z['seconds']:.1f}x faster than (b), {z['rss_mb'] / b['rss_mb']:.2f}x its RSS" if b else ""))
     if len(results) > 1:
         a0, a1 = results[0]["qvl"]["rss_mb"], results[-1]["qvl"]["rss_mb"]
         size = results[-1]["base_bytes"] / results[0]["base_bytes"]
         lines.append("")
-        if all("qvl-lazy" in r for r in (results[0], results[-1])):
-            z0, z1 = results[0]["qvl-lazy"]["rss_mb"], results[-1]["qvl-lazy"]["rss_mb"]
-            lines.append(f"(a) with lazy imports: peak RSS grows {100 * (z1 - z0) / z0:+.1f}%.")
         lines.append(f"(a) peak RSS grows {100 * (a1 - a0) / a0:+.1f}% when the base grows {size:.2f}x. "
                      f"Process start-up alone (python + torch + transformers + qvl_plugin imports): {startup['seconds']:.1f} s, {startup['rss_mb']:.0f} MB.")
     for r in results:
@@ -267,7 +247,6 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is kept")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic bases and adapters")
-    ap.add_argument("--preview-lazy-imports", action="store_true", help="also time (a) with transformers/peft imports patched out")
     ap.add_argument("--child", choices=["build", "adapter", "peft-merge", "compare"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--base", type=Path, help=argparse.SUPPRESS)
@@ -287,7 +266,7 @@ def main() -> None:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     startup = _measure([sys.executable, "-c", "import qvl_plugin.cli, qvl_plugin.ckpt.merge, peft"])
-    results = [_run_size(work, n, args.repeat, args.skip_peft, args.preview_lazy_imports) for n in args.layers]
+    results = [_run_size(work, n, args.repeat, args.skip_peft) for n in args.layers]
     (work / "bench.json").write_text(json.dumps({"startup": startup, "results": results}, indent=2))
     print(_table(results, startup))
     if not args.keep:
