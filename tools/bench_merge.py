@@ -198,7 +198,7 @@ def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool) -> dict:
                 m.pop("stdout")
             if best is None or m["seconds"] < best["seconds"]:
                 best = m
-            if name in ("copy", "qvl-lazy") or _ != repeat - 1:
+            if name == "copy" or _ != repeat - 1:
                 shutil.rmtree(out, ignore_errors=True)
         res[name] = best
     if not skip_peft:
