@@ -93,7 +93,8 @@ def check_cmd(recipe: str, model_dir: Path, sets: tuple[str, ...], as_json: bool
 
     Builds the model on the meta device from config.json (no weights read), so it takes seconds at any size.
     """
-    from ..recipes.check import check_recipe, human_bytes
+    from ..recipes.check import check_recipe
+    from ..units import human_bytes
 
     report = check_recipe(_resolve(recipe, sets), model_dir)
     if as_json:

@@ -8,18 +8,12 @@ from typing import Any
 
 from rich.console import Console
 
+from ..units import human_bytes
+
 __all__ = ["console", "human_bytes", "print_json", "SEVERITY_STYLE"]
 
 console = Console(highlight=False, soft_wrap=False)
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-
-
-def human_bytes(n: int | float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def print_json(obj: Any) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..units import human_bytes
 from ..errors import QvlError, UsageError
 from ..layouts import GROUPS, detect_layout, get_layout
 from .apply import ModelIndex, PatternMatch, TrainableRow, apply_recipe, lora_numel, plan_recipe, trainable_report
@@ -66,14 +67,6 @@ class CheckReport:
             "lora_config": self.lora_config,
             "suggestions": list(self.suggestions),
         }
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def _read_config(model_dir: Path) -> dict:
