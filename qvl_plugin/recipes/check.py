@@ -70,13 +70,15 @@ class CheckReport:
 
 
 def _read_config(model_dir: Path) -> dict:
+    from ..ckpt.safety import read_json  # regular file, size cap: config.json may come from a stranger
+
     path = model_dir / "config.json"
+    if not path.exists():
+        raise RecipeError(f"{model_dir}: no config.json (recipes check needs the model directory)")
     try:
-        return json.loads(path.read_text())
-    except OSError:
-        raise RecipeError(f"{model_dir}: no config.json (recipes check needs the model directory)") from None
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"{path}: not valid JSON ({e})") from None
+        return read_json(path)
+    except QvlError as e:
+        raise RecipeError(str(e)) from None
 
 
 def _dtype(config: Any) -> torch.dtype:
