@@ -7,6 +7,7 @@ that reads it only when asked. Merge, convert, diff and audit never parse key st
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -232,9 +233,8 @@ def _build(raw: RawCheckpoint, adapter_config, lora_alpha, layout) -> Checkpoint
         adapter = load_adapter_config(adapter_config)
     elif raw.adapter_config is not None:
         adapter = AdapterSettings.from_dict(raw.adapter_config)
-    if lora_alpha is not None:
-        adapter = adapter or AdapterSettings()
-        adapter.lora_alpha = float(lora_alpha)
+    if lora_alpha is not None:  # a copy: never change settings the caller passed in
+        adapter = dataclasses.replace(adapter or AdapterSettings(), lora_alpha=float(lora_alpha))
 
     tensors = raw.tensors
     if raw.format == "pth":
