@@ -22,7 +22,7 @@ _LAZY = {
     "Role": "qvl_plugin.ckpt.view",
     "summarize": "qvl_plugin.ckpt.inspect",
     "merge": "qvl_plugin.ckpt.merge",
-    "plan_merge": "qvl_plugin.ckpt.merge",
+    "plan_merge": "qvl_plugin.ckpt.merge_plan",
     "convert": "qvl_plugin.ckpt.convert",
     "extract": "qvl_plugin.ckpt.extract",
     "diff_checkpoints": "qvl_plugin.ckpt.diff",

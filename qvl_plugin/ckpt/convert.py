@@ -21,7 +21,7 @@ import torch
 from ..errors import AdapterConfigError, UsageError
 from .adapter_config import AdapterSettings
 from .keys import PEFT_PREFIX, Role
-from .merge import TensorReader, open_adapter
+from .merge_plan import TensorReader, open_adapter
 from .view import Checkpoint, Entry, open_checkpoint
 from .writer import CheckpointWriter, TensorSpec, atomic_file, plan_shards
 

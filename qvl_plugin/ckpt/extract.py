@@ -20,7 +20,7 @@ import torch
 
 from ..errors import CheckpointError, UsageError
 from .keys import PEFT_PREFIX
-from .merge import TensorReader, open_base
+from .merge_plan import TensorReader, open_base
 from .view import Checkpoint, Entry
 from .writer import CheckpointWriter, TensorSpec, plan_shards
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any
 
 from ..layouts import GROUPS
-from .view import LORA_ROLES, Checkpoint, Role
+from .view import Checkpoint, Role
 
 __all__ = ["summarize", "lora_summary", "dtype_name"]
 

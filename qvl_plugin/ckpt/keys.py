@@ -41,7 +41,7 @@ _GRAMMAR: list[tuple[re.Pattern, Role, str | None]] = [
     (re.compile(rf"^(?P<m>.+)\.lora_B{_A}\.bias$"), Role.LORA_BIAS, "bias"),
     (re.compile(rf"^(?P<m>.+)\.lora_embedding_A{_A}$"), Role.EMB_A, "weight"),
     (re.compile(rf"^(?P<m>.+)\.lora_embedding_B{_A}$"), Role.EMB_B, "weight"),
-    (re.compile(rf"^(?P<m>.+)\.lora_magnitude_vector(?:\.(?P<a>(?!weight$)[^.]+))?(?:\.weight)?$"), Role.MAGNITUDE, "weight"),
+    (re.compile(r"^(?P<m>.+)\.lora_magnitude_vector(?:\.(?P<a>(?!weight$)[^.]+))?(?:\.weight)?$"), Role.MAGNITUDE, "weight"),
     (re.compile(rf"^(?P<m>.+?)(?:\.token_adapter)?\.trainable_tokens_delta{_A}$"), Role.TOKEN_ROWS, "weight"),
     (re.compile(r"^(?P<m>.+)\.modules_to_save\.(?P<a>[^.]+)\.(?P<p>.+)$"), Role.FULL, None),
     (re.compile(r"^(?P<m>.+)\.base_layer\.(?P<p>[^.]+)$"), Role.FULL, None),

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Literal
 import torch
 
 from ..errors import CheckpointError
-from ..layouts import GENERIC, Layout, detect_layout
+from ..layouts import Layout, detect_layout
 from .adapter_config import AdapterSettings, load_adapter_config
 from .formats import RawCheckpoint, RawTensor, detect_format, read_raw
 from .keys import LORA_ROLES, PEFT_PREFIX, REPLACE_ROLES, ParsedKey, Role, parse_key
