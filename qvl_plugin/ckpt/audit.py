@@ -17,9 +17,10 @@ from typing import Iterable
 import torch
 
 from ..errors import CheckpointError
-from .diff import LoraPair, lora_pairs
 from .checksums import CHECKSUM_NAME, verify_manifest
+from .diff import LoraPair, lora_pairs
 from .keys import PEFT_PREFIX
+from .merge_math import all_finite
 from .safety import read_json
 from .view import Checkpoint, Entry, Finding, Role, open_checkpoint
 
@@ -43,7 +44,6 @@ CODES: dict[str, str] = {
 }
 SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
 _MAX_KEYS = 50
-_CHUNK = 1 << 22
 
 
 def _finding(code: str, message: str, keys: Iterable[str] = ()) -> Finding:
@@ -399,16 +399,6 @@ def _tied(ckpt: Checkpoint, tied: bool | None, base: _Base | None, pairs: dict[s
 # Streamed value checks
 
 
-def _finite(t: torch.Tensor) -> bool:
-    if not (t.is_floating_point() or t.is_complex()):
-        return True
-    flat = t.reshape(-1)
-    for i in range(0, flat.numel(), _CHUNK):
-        if not bool(torch.isfinite(flat[i : i + _CHUNK]).all()):
-            return False
-    return True
-
-
 def _is_zero(t: torch.Tensor) -> bool:
     return t.numel() == 0 or not bool(t.reshape(-1).ne(0).any())
 
@@ -466,7 +456,7 @@ def _value_checks(ckpt: Checkpoint, base_ckpt: Checkpoint | None) -> list[Findin
         except CheckpointError as err:
             unreadable.append((e.key, str(err)))
             continue
-        if not _finite(t):
+        if not all_finite(t):
             nonfinite.append(e.key)
             continue
         if not ckpt.is_adapter:

