@@ -165,6 +165,8 @@ class AdapterSettings:
         if tti is None:
             return None
         if isinstance(tti, list):
+            if self.peft_type == "TRAINABLE_TOKENS":  # token_indices apply to every targeted module (embed and tied head)
+                return list(tti)
             leaf = source_module.rsplit(".", 1)[-1]
             return list(tti) if leaf in embedding_names else None
         for name, ids in tti.items():

@@ -316,15 +316,6 @@ class _Ops:
         return self.replace is None and self.lora is None and self.bias_lora is None and self.rows is None
 
 
-def _token_indices(adapter, e: Entry) -> list[int] | None:
-    if adapter is None:
-        return None
-    tti = adapter.trainable_token_indices
-    if adapter.peft_type == "TRAINABLE_TOKENS" and isinstance(tti, list):
-        return list(tti)
-    return adapter.token_indices(e.source_module)
-
-
 def plan_merge(
     src: str | Path | Checkpoint,
     base: str | Path | Checkpoint,
@@ -411,7 +402,7 @@ def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check
                     problems.append((e.key, f"shape {list(e.shape)} but the base has {list(want.shape)}" + _vocab_hint(e, want, emb_t, head_t)))
                 o.replace = e
             elif e.role is Role.TOKEN_ROWS:
-                idx = _token_indices(settings, e)
+                idx = settings.token_indices(e.source_module) if settings is not None else None
                 want = base_entry(e.target)
                 if idx is None:
                     problems.append((e.key, "trainable-token rows but no trainable_token_indices for this module in the adapter config"))
