@@ -20,7 +20,7 @@ import torch
 
 from ..errors import AdapterConfigError, UsageError
 from .adapter_config import AdapterSettings
-from .keys import PEFT_PREFIX, Role
+from .keys import PEFT_PREFIX, Role, lora_suffix
 from .merge_plan import TensorReader, open_adapter
 from .view import Checkpoint, Entry, open_checkpoint
 from .writer import CheckpointWriter, TensorSpec, atomic_file, plan_shards
@@ -62,9 +62,7 @@ def peft_key(e: Entry, settings: AdapterSettings | None = None) -> str:
         return f"{PEFT_PREFIX}{m}.base_layer.{e.param}" if _via_base_layer(e) else f"{PEFT_PREFIX}{m}.{e.param}"
     if e.role is Role.TOKEN_ROWS:
         return f"{PEFT_PREFIX}{m}.{_tokens_suffix(e, settings)}"
-    suffix = {Role.LORA_A: "lora_A.weight", Role.LORA_B: "lora_B.weight", Role.LORA_BIAS: "lora_B.bias", Role.EMB_A: "lora_embedding_A",
-              Role.EMB_B: "lora_embedding_B", Role.MAGNITUDE: "lora_magnitude_vector"}[e.role]
-    return f"{PEFT_PREFIX}{m}.{suffix}"
+    return f"{PEFT_PREFIX}{m}.{lora_suffix(e.role)}"
 
 
 def memory_key(e: Entry, settings: AdapterSettings | None = None, lora_modules: frozenset[str] = frozenset(), adapter: str = ADAPTER_NAME) -> str:
@@ -78,10 +76,7 @@ def memory_key(e: Entry, settings: AdapterSettings | None = None, lora_modules: 
         return f"{PEFT_PREFIX}{m}.base_layer.{e.param}" if (_via_base_layer(e) or m in lora_modules) else f"{PEFT_PREFIX}{m}.{e.param}"
     if e.role is Role.TOKEN_ROWS:
         return f"{PEFT_PREFIX}{m}.{_tokens_suffix(e, settings)}.{adapter}"
-    suffix = {Role.LORA_A: f"lora_A.{adapter}.weight", Role.LORA_B: f"lora_B.{adapter}.weight", Role.LORA_BIAS: f"lora_B.{adapter}.bias",
-              Role.EMB_A: f"lora_embedding_A.{adapter}", Role.EMB_B: f"lora_embedding_B.{adapter}",
-              Role.MAGNITUDE: f"lora_magnitude_vector.{adapter}.weight"}[e.role]
-    return f"{PEFT_PREFIX}{m}.{suffix}"
+    return f"{PEFT_PREFIX}{m}.{lora_suffix(e.role, adapter)}"
 
 
 def _pattern(module: str) -> str:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["Role", "ParsedKey", "parse_key", "PEFT_PREFIX", "LORA_ROLES", "REPLACE_ROLES", "peft_suffix"]
+__all__ = ["Role", "ParsedKey", "parse_key", "PEFT_PREFIX", "LORA_ROLES", "REPLACE_ROLES", "lora_suffix"]
 
 PEFT_PREFIX = "base_model.model."
 
@@ -87,27 +87,22 @@ def parse_key(key: str, *, default_role: Role = Role.FULL) -> ParsedKey | None:
     return ParsedKey(module, param, role, None, False)
 
 
-_SAVED_SUFFIX = {
-    Role.LORA_A: "lora_A.weight",
-    Role.LORA_B: "lora_B.weight",
-    Role.LORA_BIAS: "lora_B.bias",
-    Role.EMB_A: "lora_embedding_A",
-    Role.EMB_B: "lora_embedding_B",
-    Role.MAGNITUDE: "lora_magnitude_vector",
-    Role.TOKEN_ROWS: "token_adapter.trainable_tokens_delta",
+_LORA_SUFFIX: dict[Role, tuple[str, str | None]] = {
+    Role.LORA_A: ("lora_A", "weight"),
+    Role.LORA_B: ("lora_B", "weight"),
+    Role.LORA_BIAS: ("lora_B", "bias"),
+    Role.EMB_A: ("lora_embedding_A", None),
+    Role.EMB_B: ("lora_embedding_B", None),
+    Role.MAGNITUDE: ("lora_magnitude_vector", None),
 }
 
 
-def peft_suffix(role: Role, param: str, adapter: str | None = None) -> str:
-    """The key tail PEFT uses for ``role``: saved form, or in-memory form when ``adapter`` is given."""
-    if role in (Role.FULL, Role.BIAS, Role.BASE):
-        return f"modules_to_save.{adapter}.{param}" if adapter and role is Role.FULL else param
-    tail = _SAVED_SUFFIX[role]
+def lora_suffix(role: Role, adapter: str | None = None) -> str:
+    """The key tail of a LoRA tensor: saved form (``lora_A.weight``), or in-memory form when ``adapter``
+    is given (``lora_A.default.weight``; DoRA ``lora_magnitude_vector.default.weight``)."""
+    name, param = _LORA_SUFFIX[role]
     if adapter is None:
-        return tail
+        return f"{name}.{param}" if param else name
     if role is Role.MAGNITUDE:
-        return f"{tail}.{adapter}.weight"
-    if role in (Role.LORA_A, Role.LORA_B, Role.LORA_BIAS):
-        head, last = tail.rsplit(".", 1)
-        return f"{head}.{adapter}.{last}"
-    return f"{tail}.{adapter}"
+        return f"{name}.{adapter}.weight"
+    return f"{name}.{adapter}.{param}" if param else f"{name}.{adapter}"
