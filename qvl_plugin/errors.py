@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["QvlError", "CheckpointError", "UnsafeCheckpointError", "AdapterConfigError", "UsageError"]
+__all__ = ["QvlError", "CheckpointError", "UnsafeCheckpointError", "AdapterConfigError", "UsageError", "WriteError"]
 
 
 class QvlError(Exception):
@@ -23,3 +23,7 @@ class AdapterConfigError(CheckpointError):
 
 class UsageError(QvlError):
     """Arguments that cannot work together (e.g. OUT inside an input)."""
+
+
+class WriteError(QvlError):
+    """The output could not be written (disk full, permissions, verification failed)."""

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CheckpointError
 from .checksums import CHECKSUM_NAME, verify_manifest
-from .diff import LoraPair, lora_pairs
+from .effect import LoraPair, lora_pairs
 from .keys import PEFT_PREFIX
 from .merge_math import all_finite
 from .safety import read_json

@@ -23,7 +23,9 @@ from .adapter_config import AdapterSettings
 from .keys import PEFT_PREFIX, Role, lora_suffix
 from .merge_plan import TensorReader, open_adapter
 from .view import Checkpoint, Entry, open_checkpoint
-from .writer import CheckpointWriter, TensorSpec, atomic_file, plan_shards
+from .outputs import atomic_file
+from .shards import TensorSpec, plan_shards
+from .writer import CheckpointWriter
 
 __all__ = ["ConvertReport", "convert", "peft_key", "memory_key", "infer_adapter_config", "load_report", "ADAPTER_NAME"]
 

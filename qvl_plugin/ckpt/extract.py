@@ -22,7 +22,8 @@ from ..errors import CheckpointError, UsageError
 from .keys import PEFT_PREFIX
 from .merge_plan import TensorReader, open_base
 from .view import Checkpoint, Entry
-from .writer import CheckpointWriter, TensorSpec, plan_shards
+from .shards import TensorSpec, plan_shards
+from .writer import CheckpointWriter
 
 DUMMY_TARGET_MODULES = "dummy-target-modules"
 

@@ -35,7 +35,9 @@ from .merge_plan import (
     parse_dtype,
     plan_merge,
 )
-from .writer import CheckpointWriter, ShardPlan, check_output, plan_shards, support_files
+from .outputs import check_output, support_files
+from .shards import ShardPlan, plan_shards
+from .writer import CheckpointWriter
 
 __all__ = ["merge", "plan_merge", "MergeReport", "MergeError", "MergePlan", "TensorPlan", "TensorReader", "parse_dtype", "open_base", "open_adapter"]
 

@@ -19,7 +19,7 @@ import torch
 from ..errors import AdapterConfigError, CheckpointError, UsageError
 from . import merge_math as mm
 from .view import Checkpoint, Entry, Role, open_checkpoint
-from .writer import TensorSpec
+from .shards import TensorSpec
 
 __all__ = [
     "MergeError",

@@ -7,7 +7,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from qvl_plugin.ckpt.diff import diff_checkpoints, lora_effect_stats, tensor_stats
+from qvl_plugin.ckpt.diff import diff_checkpoints
+from qvl_plugin.ckpt.effect import lora_effect_stats, tensor_stats
 from qvl_plugin.errors import UsageError
 from tests.factories import rewrite_adapter, ADAPTER_VARIANTS, make_adapter, make_dump, to_legacy_key
 

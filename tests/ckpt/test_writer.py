@@ -12,17 +12,11 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from qvl_plugin.ckpt.writer import (
-    CHECKSUM_NAME,
-    CheckpointWriter,
-    TensorSpec,
-    WriteError,
-    check_output,
-    is_weight_file,
-    parse_size,
-    plan_shards,
-    support_files,
-)
+from qvl_plugin.ckpt.checksums import CHECKSUM_NAME
+from qvl_plugin.ckpt.outputs import check_output, is_weight_file, support_files
+from qvl_plugin.ckpt.shards import TensorSpec, parse_size, plan_shards
+from qvl_plugin.ckpt.writer import CheckpointWriter
+from qvl_plugin.errors import WriteError
 from qvl_plugin.errors import UsageError
 
 
