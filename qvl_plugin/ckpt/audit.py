@@ -12,54 +12,15 @@ vllm-incompatible (info). Findings the view itself reports (e.g. unprefixed-key)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
-
-import torch
 
 from ..errors import CheckpointError
+from .audit_header import header_checks
+from .audit_values import value_checks
 from .checksums import CHECKSUM_NAME, verify_manifest
-from .effect import LoraPair, lora_pairs
-from .keys import PEFT_PREFIX
-from .merge_math import all_finite
-from .safety import read_json
-from .view import Checkpoint, Entry, Finding, Role, open_checkpoint
+from .findings import CODES, SEVERITY_RANK, audit_ok, few, finding, ordered
+from .view import Checkpoint, Finding, open_checkpoint
 
 __all__ = ["audit", "audit_ok", "CODES", "SEVERITY_RANK"]
-
-CODES: dict[str, str] = {
-    "unreadable": "error",
-    "empty-tensor": "error",
-    "nan-inf": "error",
-    "shape-mismatch": "error",
-    "unmatched-key": "error",
-    "noop-adapter": "error",
-    "checksum-mismatch": "error",
-    "duplicate-key": "warning",
-    "strict-false-noop": "warning",
-    "tied-weights": "warning",
-    "missing-scaling": "warning",
-    "noop-lora": "warning",
-    "legacy-layout": "info",
-    "vllm-incompatible": "info",
-}
-SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
-_MAX_KEYS = 50
-
-
-def _finding(code: str, message: str, keys: Iterable[str] = ()) -> Finding:
-    keys = tuple(keys)
-    return Finding(code, CODES[code], message, keys[:_MAX_KEYS])
-
-
-def _few(keys: list[str], n: int = 3) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-def audit_ok(findings: Iterable[Finding], strict: bool = False) -> bool:
-    """False when any error was found (with ``strict``, any warning too)."""
-    bad = ("error", "warning") if strict else ("error",)
-    return not any(f.severity in bad for f in findings)
 
 
 def audit(
@@ -78,28 +39,28 @@ def audit(
         try:
             base_ckpt = open_checkpoint(base)
         except CheckpointError as e:
-            findings.append(_finding("unreadable", f"base: {e}", (str(base),)))
+            findings.append(finding("unreadable", f"base: {e}", (str(base),)))
         else:
             if base_ckpt.is_adapter:
                 base_ckpt.close()
                 base_ckpt = None
-                findings.append(_finding("unreadable", f"base: {base} is an adapter, not a full model", (str(base),)))
+                findings.append(finding("unreadable", f"base: {base} is an adapter, not a full model", (str(base),)))
     try:
         layout = base_ckpt.layout if base_ckpt is not None and base_ckpt.layout.name != "unknown" else None
         try:
             ckpt = open_checkpoint(src, format=format, adapter_config=adapter_config, lora_alpha=lora_alpha, layout=layout)
         except CheckpointError as e:
-            findings.append(_finding("unreadable", str(e), (str(src),)))
-            return _ordered(findings)
+            findings.append(finding("unreadable", str(e), (str(src),)))
+            return ordered(findings)
         with ckpt:
             findings += ckpt.findings
             findings += _checksums(ckpt)
-            findings += _header_checks(ckpt, base_ckpt)
-            findings += _value_checks(ckpt, base_ckpt)
+            findings += header_checks(ckpt, base_ckpt)
+            findings += value_checks(ckpt, base_ckpt)
     finally:
         if base_ckpt is not None:
             base_ckpt.close()
-    return _ordered(findings)
+    return ordered(findings)
 
 
 def _checksums(ckpt: Checkpoint) -> list[Finding]:
@@ -107,404 +68,7 @@ def _checksums(ckpt: Checkpoint) -> list[Finding]:
     try:
         bad = verify_manifest(ckpt.path) if ckpt.path.is_dir() else None
     except CheckpointError as e:
-        return [_finding("checksum-mismatch", str(e), (CHECKSUM_NAME,))]
+        return [finding("checksum-mismatch", str(e), (CHECKSUM_NAME,))]
     if not bad:
         return []
-    return [_finding("checksum-mismatch", f"{len(bad)} files differ from {CHECKSUM_NAME}: {_few(bad)}", bad)]
-
-
-def _ordered(findings: list[Finding]) -> list[Finding]:
-    return sorted(findings, key=lambda f: SEVERITY_RANK.get(f.severity, 3))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Base facts
-
-
-class _Base:
-    """The plain base model's tensors by canonical name, with the tied head resolved to the embedding."""
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self.entries: dict[str, Entry] = {e.target: e for e in ckpt.entries}
-        layout = ckpt.layout
-        self.embed = f"{layout.embedding}.weight" if layout.embedding else None
-        self.head = f"{layout.head}.weight" if layout.head else None
-        self.head_missing = bool(self.head and self.head not in self.entries and self.embed in self.entries)
-        flag = ckpt.tie_word_embeddings
-        self.tied = bool(flag) if flag is not None else self.head_missing
-        if self.head_missing:
-            self.entries[self.head] = self.entries[self.embed]  # tied: in memory lm_head.weight is the embedding
-
-    def shape(self, target: str) -> tuple[int, ...] | None:
-        e = self.entries.get(target)
-        return e.shape if e is not None else None
-
-    def state_dict_keys(self) -> set[str]:
-        """What ``load_state_dict`` would see: the file's own keys and the in-memory (canonical) names."""
-        return {e.key for e in self.ckpt.entries} | set(self.entries)
-
-
-def _adapter_tied(ckpt: Checkpoint) -> bool | None:
-    """Tie flag of the adapter's base when only its local config is at hand (no --base)."""
-    a = ckpt.adapter
-    if a is None or not a.base_model_name_or_path:
-        return None
-    try:
-        p = Path(a.base_model_name_or_path) / "config.json"
-        cfg = read_json(p) if p.is_file() else None
-    except (OSError, CheckpointError):
-        return None
-    if not isinstance(cfg, dict):
-        return None
-    if "tie_word_embeddings" in cfg:
-        return bool(cfg["tie_word_embeddings"])
-    text = cfg.get("text_config")
-    if isinstance(text, dict) and "tie_word_embeddings" in text:
-        return bool(text["tie_word_embeddings"])
-    return None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Header-only checks
-
-
-def _header_checks(ckpt: Checkpoint, base_ckpt: Checkpoint | None) -> list[Finding]:
-    out: list[Finding] = []
-    entries = ckpt.entries
-    empty = [e.key for e in entries if e.numel == 0]
-    if empty:
-        out.append(
-            _finding(
-                "empty-tensor",
-                f"{len(empty)} zero-element tensors ({_few(empty)}): saved from ungathered DeepSpeed ZeRO-3 shards? "
-                "Re-save with stage3_gather_16bit_weights_on_model_save",
-                empty,
-            )
-        )
-    pairs = lora_pairs(entries)
-    if ckpt.is_adapter:
-        if ckpt.format == "pth" and pairs and (ckpt.adapter is None or ckpt.adapter.lora_alpha is None):
-            out.append(
-                _finding(
-                    "missing-scaling",
-                    f"dump with {len(pairs)} LoRA pairs but no lora_alpha: the scaling alpha/r is unknown "
-                    "(pass --adapter-config or --lora-alpha to merge or convert it)",
-                )
-            )
-        # modules_to_save copies: FULL tensors of modules without LoRA (a LoRA module's FULL tensor is its
-        # saved base_layer, e.g. an embedding written by save_embedding_layers)
-        lora_modules = {p.module for p in pairs.values()}
-        mts = sorted({e.key for e in entries if e.role is Role.FULL and e.module not in lora_modules})
-        if mts:
-            mods = sorted({e.module for e in entries if e.role is Role.FULL and e.module not in lora_modules})
-            out.append(
-                _finding(
-                    "vllm-incompatible",
-                    f"modules_to_save tensors for {_few(mods)}: vLLM refuses adapters with modules_to_save; merge first",
-                    mts,
-                )
-            )
-        if ckpt.format == "pth":
-            out += _strict_false(ckpt, _Base(base_ckpt) if base_ckpt is not None else None)
-    if base_ckpt is not None:
-        b = _Base(base_ckpt)
-        out += _vs_base(ckpt, b, pairs) if ckpt.is_adapter else _merged_vs_base(ckpt, b)
-        out += _tied(ckpt, b.tied, b, pairs)
-    elif ckpt.is_adapter:
-        out += _tied(ckpt, _adapter_tied(ckpt), None, pairs)
-    return out
-
-
-def _never_plain(e: Entry) -> bool:
-    """True when a key can never name a parameter of the plain (un-wrapped) model."""
-    return e.key.startswith((".", PEFT_PREFIX)) or e.role not in (Role.FULL, Role.BIAS, Role.BASE) or ".modules_to_save." in e.key
-
-
-def _strict_false(ckpt: Checkpoint, base: _Base | None) -> list[Finding]:
-    """Simulate ``plain_base.load_state_dict(dump, strict=False)`` on the dump's raw keys (dot keys included)."""
-    dup = next((f for f in ckpt.findings if f.code == "duplicate-key"), None)
-    raw = [e.key for e in ckpt.entries] + list(dup.keys if dup else ())
-    if not raw:
-        return []
-    if base is not None:
-        plain = base.state_dict_keys()
-        matched = [k for k in raw if k in plain]
-        how = "into the plain base"
-    else:
-        matched = [e.key for e in ckpt.entries if not _never_plain(e)]
-        how = "into any plain model (PEFT-wrapped names)"
-    if matched:
-        return []
-    return [
-        _finding(
-            "strict-false-noop",
-            f"load_state_dict(strict=False) {how} would load 0 of {len(raw)} keys and raise nothing "
-            f"(e.g. {raw[0]!r}); load it into the PeftModel, or convert it with qvl-ckpt convert",
-            raw,
-        )
-    ]
-
-
-def _vs_base(ckpt: Checkpoint, base: _Base, pairs: dict[str, LoraPair]) -> list[Finding]:
-    unmatched: list[str] = []
-    unmatched_targets: list[str] = []
-    mismatch: list[tuple[str, str]] = []  # (key, why)
-    layout = base.ckpt.layout
-    emb_modules = {p.module for p in pairs.values() if p.embedding}
-    for e in ckpt.entries:
-        want = base.shape(e.target)
-        if want is None:
-            unmatched.append(e.key)
-            unmatched_targets.append(e.target)
-            continue
-        why = _shape_problem(e, want, pairs.get(e.target) if e.role in (Role.LORA_A, Role.LORA_B, Role.EMB_A, Role.EMB_B) else None,
-                             e.module in emb_modules, ckpt, layout)
-        if why:
-            mismatch.append((e.key, why))
-    # a LoRA pair whose factors disagree on the rank
-    for p in pairs.values():
-        if p.a is not None and p.b is not None and len(p.b.shape) > 1 and p.a.shape and p.a.shape[0] != p.b.shape[1]:
-            mismatch.append((p.b.key, f"lora_B rank {p.b.shape[1]} != lora_A rank {p.a.shape[0]}"))
-    out = []
-    if mismatch:
-        keys = [k for k, _ in mismatch]
-        out.append(
-            _finding(
-                "shape-mismatch",
-                f"{len(mismatch)} tensors do not fit the base ({base.ckpt.path.name}): "
-                + "; ".join(f"{k}: {why}" for k, why in mismatch[:3])
-                + (f"; (+{len(mismatch) - 3} more)" if len(mismatch) > 3 else ""),
-                keys,
-            )
-        )
-    if unmatched:
-        out.append(
-            _finding(
-                "unmatched-key",
-                f"{len(unmatched)} adapter tensors resolve to no tensor of the base (e.g. {unmatched_targets[0]!r}): "
-                "a load would silently skip them (adapter of another model, or a typo in the names?)",
-                unmatched,
-            )
-        )
-    return out
-
-
-def _shape_problem(e: Entry, want: tuple[int, ...], pair: LoraPair | None, emb: bool, ckpt: Checkpoint, layout) -> str | None:
-    """Why entry ``e`` cannot act on a base tensor of shape ``want``, or None."""
-    role = e.role
-    if role in (Role.FULL, Role.BIAS):
-        if e.shape == want:
-            return None
-        if e.module in (layout.embedding, layout.head) and len(e.shape) == 2 and len(want) == 2 and e.shape[1] == want[1]:
-            return f"resized vocabulary {e.shape[0]} rows, the base has {want[0]}"
-        return f"shape {list(e.shape)}, base {list(want)}"
-    if pair is not None:
-        eff = pair.effect_shape
-        if eff is None:
-            return None  # incomplete pair; the other factor is reported where it exists
-        if tuple(eff) == tuple(want) or (len(want) == 2 and tuple(eff) == tuple(want)[::-1] and not pair.embedding):
-            return None
-        return f"LoRA delta {list(eff)} for a base tensor {list(want)}"
-    if role is Role.LORA_BIAS:
-        return None if e.shape == want else f"lora bias {list(e.shape)}, base bias {list(want)}"
-    if role is Role.MAGNITUDE:
-        n = e.numel
-        ok = (n == want[1]) if emb and len(want) == 2 else (n == want[0] or (len(want) == 2 and n == want[1]))
-        return None if ok else f"DoRA magnitude of {n} values for a base tensor {list(want)}"
-    if role is Role.TOKEN_ROWS:
-        if len(e.shape) != 2 or len(want) != 2 or e.shape[1] != want[1]:
-            return f"token rows {list(e.shape)} for a base tensor {list(want)}"
-        ids = ckpt.adapter.token_indices(e.source_module) if ckpt.adapter else None
-        if ids is not None:
-            if len(ids) != e.shape[0]:
-                return f"{e.shape[0]} token rows but {len(ids)} trainable_token_indices"
-            if ids and max(ids) >= want[0]:
-                return f"token index {max(ids)} outside the base vocabulary of {want[0]}"
-        return None
-    return None
-
-
-def _merged_vs_base(ckpt: Checkpoint, base: _Base) -> list[Finding]:
-    own = {e.target: e for e in ckpt.entries}
-    mismatch = []
-    for t, e in own.items():
-        want = base.shape(t)
-        if want is not None and want != e.shape:
-            why = _shape_problem(e if e.role is not Role.BASE else _as_full(e), want, None, False, ckpt, base.ckpt.layout)
-            mismatch.append((e.key, why))
-    extra = sorted(e.key for t, e in own.items() if base.shape(t) is None)
-    missing = sorted(t for t, e in base.entries.items() if t not in own and not (t == base.head and base.head_missing))
-    head = base.head
-    if head and head in missing and base.embed in own:
-        missing.remove(head)
-    out = []
-    if mismatch:
-        out.append(
-            _finding(
-                "shape-mismatch",
-                f"{len(mismatch)} tensors differ in shape from the base: " + "; ".join(f"{k}: {w}" for k, w in mismatch[:3]),
-                [k for k, _ in mismatch],
-            )
-        )
-    if extra or missing:
-        parts = []
-        if extra:
-            parts.append(f"{len(extra)} tensors the base does not have ({_few(extra)})")
-        if missing:
-            parts.append(f"{len(missing)} base tensors missing ({_few(missing)})")
-        out.append(_finding("unmatched-key", "merged model vs base: " + "; ".join(parts), extra + missing))
-    return out
-
-
-def _as_full(e: Entry) -> Entry:
-    from dataclasses import replace
-
-    return replace(e, role=Role.FULL)
-
-
-def _tied(ckpt: Checkpoint, tied: bool | None, base: _Base | None, pairs: dict[str, LoraPair]) -> list[Finding]:
-    """Training or merging on a tied embedding/head: the trained model and a naive merge disagree."""
-    layout = (base.ckpt.layout if base is not None else ckpt.layout)
-    emb, head = layout.embedding, layout.head
-    if not emb or not head or not ckpt.is_adapter or not tied:
-        return []
-    roles_on = {emb: set(), head: set()}
-    keys: list[str] = []
-    for e in ckpt.entries:
-        if e.module in roles_on and e.role is not Role.TOKEN_ROWS:
-            roles_on[e.module].add("LoRA" if e.role not in (Role.FULL, Role.BIAS) else "modules_to_save")
-            keys.append(e.key)
-    touched = [m for m in (emb, head) if roles_on[m]]
-    if not touched:
-        return []
-    a = ckpt.adapter
-    ensure = bool(a and a.ensure_weight_tying)
-    lora_on_tied = any("LoRA" in roles_on[m] for m in touched)
-    if ensure and not lora_on_tied:
-        return []  # trained tied on purpose; the merge keeps one shared matrix
-    what = ", ".join(f"{'/'.join(sorted(roles_on[m]))} on {m}" for m in touched)
-    if len(touched) == 1:
-        other = head if touched[0] == emb else emb
-        msg = (f"{what} of a tied embedding/head pair, {other} untouched: the trained model used two different "
-               "matrices; a merge must untie (tie_word_embeddings=false) and write both")
-    else:
-        msg = f"{what} of a tied embedding/head pair: a merge must untie (tie_word_embeddings=false) and write both"
-    if lora_on_tied:
-        msg += "; PEFT's merge_and_unload puts the LoRA delta into the shared matrix (lm_head changes too" + (", added twice with ensure_weight_tying)" if ensure else ")")
-    return [_finding("tied-weights", msg, keys)]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Streamed value checks
-
-
-def _is_zero(t: torch.Tensor) -> bool:
-    return t.numel() == 0 or not bool(t.reshape(-1).ne(0).any())
-
-
-def _equal(t: torch.Tensor, u: torch.Tensor) -> bool:
-    return t.shape == u.shape and bool(torch.equal(t.to(torch.float64) if t.dtype != u.dtype else t, u.to(torch.float64) if t.dtype != u.dtype else u))
-
-
-def _dora_noop(m: torch.Tensor, w: torch.Tensor, embedding: bool) -> bool:
-    """A DoRA magnitude at init equals the base weight norm (per output feature; per column for embeddings)."""
-    w = w.to(torch.float64)
-    norm = w.norm(dim=0) if embedding else w.reshape(w.shape[0], -1).norm(dim=1)
-    m = m.reshape(-1).to(torch.float64)
-    return m.shape == norm.shape and bool(torch.allclose(m, norm, rtol=1e-4, atol=1e-6))
-
-
-@torch.no_grad()
-def _merged_tie(ckpt: Checkpoint) -> list[Finding]:
-    """A merged model whose config ties embed and head but whose file holds two different matrices:
-    transformers re-ties on load and one of them is silently lost (peft#2777)."""
-    layout = ckpt.layout
-    if ckpt.tie_word_embeddings is not True or not layout.embedding or not layout.head:
-        return []
-    own = {e.target: e for e in ckpt.entries}
-    emb, head = own.get(f"{layout.embedding}.weight"), own.get(f"{layout.head}.weight")
-    if emb is None or head is None or emb.shape != head.shape or _equal(emb.load(), head.load()):
-        return []
-    return [
-        _finding(
-            "tied-weights",
-            "config.json ties the embedding and lm_head (tie_word_embeddings) but the file holds two different matrices: "
-            "transformers re-ties them on load and one is lost; set tie_word_embeddings=false (top level and text_config)",
-            (emb.key, head.key),
-        )
-    ]
-
-
-@torch.no_grad()
-def _value_checks(ckpt: Checkpoint, base_ckpt: Checkpoint | None) -> list[Finding]:
-    out: list[Finding] = []
-    base = _Base(base_ckpt) if base_ckpt is not None else None
-    pairs = lora_pairs(ckpt.entries)
-    emb_modules = {p.module for p in pairs.values() if p.embedding}
-    zero_factor: dict[str, bool] = {t: False for t in pairs}
-    nonfinite: list[str] = []
-    unreadable: list[tuple[str, str]] = []
-    verdict: dict[str, bool | None] = {}  # non-LoRA entry key -> equals base (None: cannot tell)
-    for e in ckpt.entries:
-        if e.numel == 0:
-            if e.role in (Role.LORA_A, Role.LORA_B, Role.EMB_A, Role.EMB_B):
-                zero_factor[e.target] = zero_factor.get(e.target, False)
-            continue
-        try:
-            t = e.load()
-        except CheckpointError as err:
-            unreadable.append((e.key, str(err)))
-            continue
-        if not all_finite(t):
-            nonfinite.append(e.key)
-            continue
-        if not ckpt.is_adapter:
-            if base is not None:
-                b = base.entries.get(e.target)
-                verdict[e.key] = b is not None and b.shape == e.shape and _equal(t, b.load())
-            continue
-        if e.role in (Role.LORA_A, Role.LORA_B, Role.EMB_A, Role.EMB_B):
-            zero_factor[e.target] = zero_factor.get(e.target, False) or _is_zero(t)
-        elif e.role is Role.LORA_BIAS:
-            verdict[e.key] = _is_zero(t)
-        elif base is None or base.entries.get(e.target) is None:
-            verdict[e.key] = None
-        elif e.role is Role.MAGNITUDE:
-            verdict[e.key] = _dora_noop(t, base.entries[e.target].load(), e.module in emb_modules)
-        elif e.role is Role.TOKEN_ROWS:
-            ids = ckpt.adapter.token_indices(e.source_module) if ckpt.adapter else None
-            w = base.entries[e.target].load()
-            verdict[e.key] = None if ids is None or max(ids, default=-1) >= w.shape[0] else _equal(t, w[ids])
-        else:
-            verdict[e.key] = _equal(t, base.entries[e.target].load())
-        del t
-    if unreadable:
-        out.append(_finding("unreadable", f"{len(unreadable)} tensors cannot be read: {unreadable[0][1]}", [k for k, _ in unreadable]))
-    if nonfinite:
-        out.append(_finding("nan-inf", f"{len(nonfinite)} tensors hold NaN or Inf values ({_few(nonfinite)})", nonfinite))
-    if nonfinite or unreadable or not ckpt.entries:
-        return out
-    if not ckpt.is_adapter:
-        out += _merged_tie(ckpt)
-        if base is not None and verdict and all(verdict.values()):
-            out.append(_finding("noop-adapter", f"every tensor equals the base {base_ckpt.path.name}: the merge (or training) had no effect"))
-        return out
-    lora_zero = all(zero_factor.values())
-    others = list(verdict.values())
-    if lora_zero and all(v is True for v in others):
-        what = "every LoRA pair has a zero factor (lora_B at init)" if pairs else "no LoRA"
-        if others:
-            what += " and every other tensor equals the base"
-        out.append(_finding("noop-adapter", f"{what}: training had no effect", [p.b.key for p in pairs.values() if p.b is not None]))
-    elif pairs and lora_zero and not any(v is False for v in others):
-        unknown = sum(v is None for v in others)
-        out.append(
-            _finding(
-                "noop-lora",
-                f"every LoRA pair has a zero factor (lora_B at init): the LoRA part had no effect; "
-                f"{unknown} other tensors not checked (pass --base)",
-                [p.b.key for p in pairs.values() if p.b is not None],
-            )
-        )
-    return out
+    return [finding("checksum-mismatch", f"{len(bad)} files differ from {CHECKSUM_NAME}: {few(bad)}", bad)]

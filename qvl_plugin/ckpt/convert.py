@@ -21,7 +21,8 @@ import torch
 from ..errors import AdapterConfigError, UsageError
 from .adapter_config import AdapterSettings
 from .keys import PEFT_PREFIX, Role, lora_suffix
-from .merge_plan import TensorReader, open_adapter
+from .merge_plan import open_adapter
+from .reader import TensorReader
 from .view import Checkpoint, Entry, open_checkpoint
 from .outputs import atomic_file
 from .shards import TensorSpec, plan_shards

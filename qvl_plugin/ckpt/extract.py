@@ -20,7 +20,8 @@ import torch
 
 from ..errors import CheckpointError, UsageError
 from .keys import PEFT_PREFIX
-from .merge_plan import TensorReader, open_base
+from .merge_plan import open_base
+from .reader import TensorReader
 from .view import Checkpoint, Entry
 from .shards import TensorSpec, plan_shards
 from .writer import CheckpointWriter

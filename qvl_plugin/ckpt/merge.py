@@ -23,18 +23,9 @@ import torch
 
 from ..errors import CheckpointError
 from . import merge_math as mm
-from .merge_plan import (
-    CHUNK_ELEMENTS,
-    delta_bound,
-    MergeError,
-    MergePlan,
-    TensorPlan,
-    TensorReader,
-    open_adapter,
-    open_base,
-    parse_dtype,
-    plan_merge,
-)
+from .merge_ops import MergeError, MergePlan, TensorPlan, delta_bound, parse_dtype
+from .merge_plan import open_adapter, open_base, plan_merge
+from .reader import CHUNK_ELEMENTS, TensorReader
 from .outputs import check_output, support_files
 from .shards import ShardPlan, plan_shards
 from .writer import CheckpointWriter

@@ -10,219 +10,21 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import AdapterConfigError, CheckpointError, UsageError
+from ..errors import AdapterConfigError, UsageError
 from . import merge_math as mm
+from .merge_ops import DTYPE_CONFIG_NAMES, BiasOp, LoraOp, MergeError, MergePlan, TensorPlan, parse_dtype
+from .reader import TensorReader, all_finite_rows, equal_rows
 from .view import Checkpoint, Entry, Role, open_checkpoint
-from .shards import TensorSpec
 
-__all__ = [
-    "MergeError",
-    "LoraOp",
-    "BiasOp",
-    "TensorPlan",
-    "MergePlan",
-    "plan_merge",
-    "parse_dtype",
-    "open_base",
-    "open_adapter",
-    "TensorReader",
-    "CHUNK_ELEMENTS",
-]
+__all__ = ["plan_merge", "open_base", "open_adapter"]
 
-_DTYPES = {
-    "auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-    "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
-_DTYPE_CONFIG_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-CHUNK_ELEMENTS = 1 << 21  # elements per row chunk: ~24 MB of buffers, small enough to stay in cache
 _MAX_LISTED = 12
 _SMALL_ROLES = frozenset({Role.LORA_A, Role.LORA_B, Role.LORA_BIAS, Role.EMB_A, Role.EMB_B, Role.MAGNITUDE, Role.TOKEN_ROWS})
-
-
-class MergeError(CheckpointError):
-    """Adapter entries that cannot be merged onto this base; ``problems`` lists (key, reason)."""
-
-    def __init__(self, message: str, problems: list[tuple[str, str]] = ()):
-        super().__init__(message)
-        self.problems = list(problems)
-
-
-def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    """``auto``/None -> None (keep the base's), else bf16/fp16/fp32."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    key = str(value).lower().replace("torch.", "")
-    if key not in _DTYPES:
-        raise UsageError(f"unknown dtype {value!r} (choose auto, bf16, fp16 or fp32)")
-    return _DTYPES[key]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reading tensors: byte ranges of safetensors files (pread, chunkable), else the view's own loader
-
-
-class TensorReader:
-    """Reads stored tensors whole or by rows without the view's whole-tensor copy.
-
-    For safetensors files it knows each tensor's byte range (from the validated header) and reads rows
-    with ``pread`` into a fresh buffer; other formats fall back to ``Entry.load`` (mmap'd pickles).
-    """
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self._fds: dict[Path, int] = {}
-
-    @staticmethod
-    def location(entry: Entry) -> tuple[Path, int] | None:
-        return entry.location
-
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
-
-    def rows(self, entry: Entry, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows ``start:stop`` (dim 0) in the stored dtype: a new tensor, or a view of ``buffer`` (uint8, reused)."""
-        loc = self.location(entry)
-        if loc is None:
-            return entry.load()[start:stop]
-        path, offset = loc
-        row_elems = math.prod(entry.shape[1:]) if len(entry.shape) > 1 else 1
-        itemsize = entry.dtype.itemsize
-        shape = (stop - start,) + tuple(entry.shape[1:]) if entry.shape else ()
-        nbytes = math.prod(shape) * itemsize
-        if buffer is not None and buffer.numel() >= nbytes:
-            out = buffer[:nbytes].view(entry.dtype).view(shape)
-        else:
-            out = torch.empty(shape, dtype=entry.dtype)
-        want = out.numel() * itemsize
-        if want:
-            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            fd, pos, done = self._fd(path), offset + start * row_elems * itemsize, 0
-            while done < want:
-                n = os.preadv(fd, [view[done:]], pos + done)
-                if n == 0:
-                    raise CheckpointError(f"{path.name}: file ended inside tensor {entry.key!r}")
-                done += n
-        return out
-
-    def whole(self, entry: Entry) -> torch.Tensor:
-        if not entry.shape:
-            t = entry.load()
-            return t.clone() if self.location(entry) is None else t
-        return self.rows(entry, 0, entry.shape[0])
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The plan
-
-
-@dataclass
-class LoraOp:
-    """One LoRA (or DoRA) pair acting on one base weight."""
-
-    kind: mm.Kind
-    a: Entry
-    b: Entry
-    scaling: float
-    rank: int
-    fan_in_fan_out: bool = False
-    magnitude: Entry | None = None
-
-    @property
-    def dora(self) -> bool:
-        return self.magnitude is not None
-
-    def load(self, reader: "TensorReader") -> dict[str, torch.Tensor]:
-        """The factors in fp32, read when the tensor is merged (memory stays flat in the adapter's size)."""
-        out = {"a": reader.whole(self.a).float(), "b": reader.whole(self.b).float()}
-        if self.magnitude is not None:
-            m = reader.whole(self.magnitude).float()
-            out["m"] = m if self.kind == "conv" else m.reshape(-1)
-        return out
-
-
-def delta_bound(op: LoraOp, f: dict[str, torch.Tensor]) -> float:
-    """An upper bound of ``|ΔW|`` (every element): ``r · max|A| · max|B| · |s|``."""
-    return op.rank * float(f["a"].abs().max()) * float(f["b"].abs().max()) * abs(op.scaling)
-
-
-@dataclass
-class BiasOp:
-    """``lora_bias``: ``b += lora_B.bias * s``."""
-
-    entry: Entry
-    scaling: float
-
-
-@dataclass
-class TensorPlan:
-    """What one output tensor is made of."""
-
-    name: str                       # key in the output file (the base's own naming)
-    target: str                     # canonical name
-    shape: tuple[int, ...]
-    dtype: torch.dtype              # output dtype
-    source: Entry                   # what the value starts from: a base entry, or the replacement entry
-    replaced: bool = False          # source is an adapter tensor (modules_to_save, saved bias / base_layer)
-    lora: LoraOp | None = None
-    bias_lora: BiasOp | None = None  # lora_B.bias on a bias tensor
-    rows: tuple[Entry, tuple[int, ...]] | None = None  # trainable-token rows and their indices
-    added: bool = False             # not in the base file (the untied head)
-
-    @property
-    def changed(self) -> bool:
-        return self.replaced or self.lora is not None or self.bias_lora is not None or self.rows is not None
-
-
-@dataclass
-class MergePlan:
-    base: Checkpoint
-    adapter: Checkpoint
-    tensors: list[TensorPlan]
-    config: dict | None
-    tied_base: bool
-    untie: bool
-    notes: list[str] = field(default_factory=list)
-    readers: dict[str, TensorReader] = field(default_factory=dict, repr=False)
-
-    def __enter__(self) -> "MergePlan":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for r in self.readers.values():
-            r.close()
-        self.base.close()
-        self.adapter.close()
-
-    def specs(self) -> list[TensorSpec]:
-        return [TensorSpec(t.name, t.shape, t.dtype) for t in self.tensors]
-
-    def counts(self) -> dict[str, int]:
-        c = {"tensors": len(self.tensors), "lora": 0, "dora": 0, "replaced": 0, "token_rows": 0, "bias_lora": 0, "unchanged": 0}
-        for t in self.tensors:
-            c["lora"] += t.lora is not None and not t.lora.dora
-            c["dora"] += t.lora is not None and t.lora.dora
-            c["replaced"] += t.replaced
-            c["token_rows"] += t.rows is not None
-            c["bias_lora"] += t.bias_lora is not None
-            c["unchanged"] += not t.changed
-        return c
 
 
 def open_base(base: str | Path) -> Checkpoint:
@@ -282,24 +84,6 @@ def _few(items: list[tuple[str, str]]) -> str:
     shown = "; ".join(f"{k}: {why}" for k, why in items[:_MAX_LISTED])
     more = f"; ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
     return shown + more
-
-
-def _finite_chunks(reader: TensorReader, e: Entry) -> bool:
-    if not e.dtype.is_floating_point:
-        return True
-    if len(e.shape) < 2:
-        return mm.all_finite(reader.whole(e))
-    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(e.shape[1:])))
-    return all(mm.all_finite(reader.rows(e, i, min(e.shape[0], i + step))) for i in range(0, e.shape[0], step))
-
-
-def _equal_entries(reader: TensorReader, x: Entry, y: Entry) -> bool:
-    if x.shape != y.shape or x.dtype != y.dtype:
-        return False
-    if len(x.shape) < 2:
-        return torch.equal(reader.whole(x), reader.whole(y))
-    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(x.shape[1:])))
-    return all(torch.equal(reader.rows(x, i, min(x.shape[0], i + step)), reader.rows(y, i, min(y.shape[0], i + step))) for i in range(0, x.shape[0], step))
 
 
 @dataclass
@@ -383,7 +167,7 @@ def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check
                 problems.append((e.key, f"empty or flattened tensor {list(e.shape)} (an un-gathered ZeRO-3/FSDP shard?)"))
             elif check_values and e.dtype.is_floating_point:
                 small = e.role in _SMALL_ROLES or e.nbytes <= (64 << 20)
-                ok = mm.all_finite(value(e)) if small else _finite_chunks(ar, e)
+                ok = mm.all_finite(value(e)) if small else all_finite_rows(ar, e)
                 if not ok:
                     problems.append((e.key, "contains NaN or Inf"))
             if base_entry(e.target) is None:
@@ -564,10 +348,10 @@ def _same_effect(x: _Ops, y: _Ops, readers: dict[str, TensorReader], value) -> b
     if (x.replace is None) != (y.replace is None) or (x.rows is None) != (y.rows is None) or (x.lora is None) != (y.lora is None):
         return False
     ar = readers["adapter"]
-    if x.replace is not None and not _equal_entries(ar, x.replace, y.replace):
+    if x.replace is not None and not equal_rows(ar, x.replace, y.replace):
         return False
     if x.rows is not None:
-        if x.rows[1] != y.rows[1] or not (x.rows[0] is y.rows[0] or _equal_entries(ar, x.rows[0], y.rows[0])):
+        if x.rows[1] != y.rows[1] or not (x.rows[0] is y.rows[0] or equal_rows(ar, x.rows[0], y.rows[0])):
             return False
     if x.lora is not None:
         e, h = x.lora, y.lora
@@ -603,7 +387,7 @@ def _out_config(config: dict | None, untie: bool, out_dtype: torch.dtype | None)
         for d in subs:
             for key in ("torch_dtype", "dtype"):
                 if key in d and isinstance(d[key], (str, type(None))):
-                    d[key] = _DTYPE_CONFIG_NAMES[out_dtype]
+                    d[key] = DTYPE_CONFIG_NAMES[out_dtype]
         if not any(k in cfg for k in ("torch_dtype", "dtype")):
-            cfg["dtype"] = _DTYPE_CONFIG_NAMES[out_dtype]
+            cfg["dtype"] = DTYPE_CONFIG_NAMES[out_dtype]
     return cfg
