@@ -54,30 +54,40 @@ class _Item:
 
 
 class _Scaling:
-    """LoRA scaling for one side; a side without alpha borrows the other side's settings (noted)."""
+    """LoRA scaling and token indices for one side; a side without them (a ``.pth`` dump) borrows the other
+    side's adapter settings (noted)."""
 
     def __init__(self, own: Checkpoint, other: Checkpoint, label: str, notes: list[str]):
         self.settings = None
+        needs = any(e.role in (Role.LORA_A, Role.EMB_A, Role.TOKEN_ROWS) for e in own.entries)
         if own.adapter is not None and own.adapter.lora_alpha is not None:
             self.settings = own.adapter
-        elif other.adapter is not None and other.adapter.lora_alpha is not None and any(
-            e.role in (Role.LORA_A, Role.EMB_A) for e in own.entries
-        ):
+        elif other.adapter is not None and other.adapter.lora_alpha is not None and needs:
             self.settings = other.adapter
             notes.append(f"{label} has no lora_alpha: used the other side's adapter settings (alpha {other.adapter.lora_alpha:g})")
         elif any(e.role in (Role.LORA_A, Role.EMB_A) for e in own.entries):
             notes.append(f"{label} has no lora_alpha: its LoRA effects are compared unscaled (B@A, scaling 1)")
+        self.own = own.adapter
 
     def __call__(self, source_module: str, rank: int | None) -> float:
         if self.settings is None or rank is None:
             return 1.0
         return self.settings.scaling(source_module, rank)
 
+    def token_indices(self, source_module: str) -> list[int] | None:
+        """This side's trainable-token indices, else the borrowed settings' (a dump stores none)."""
+        for s in (self.own, self.settings):
+            ids = s.token_indices(source_module) if s is not None else None
+            if ids is not None:
+                return ids
+        return None
+
 
 def _items(ckpt: Checkpoint, scaling: _Scaling) -> dict[tuple[str, str], _Item]:
     """Header-only: the comparable items of one checkpoint, keyed by (canonical name, kind)."""
     items: dict[tuple[str, str], _Item] = {}
     pairs = lora_pairs(ckpt.entries)
+    lora_modules = {p.module for p in pairs.values()}
     for target, pair in pairs.items():
         if pair.a is not None and pair.b is not None:
             items[(target, "lora")] = _Item(target, "lora", pair.module, (pair.a, pair.b), pair, scaling(pair.source_module, pair.rank))
@@ -93,8 +103,10 @@ def _items(ckpt: Checkpoint, scaling: _Scaling) -> dict[tuple[str, str], _Item]:
         elif e.role is Role.MAGNITUDE:
             items[(e.target, "magnitude")] = _Item(e.target, "magnitude", e.module, (e,))
         elif e.role is Role.TOKEN_ROWS:
-            ids = ckpt.adapter.token_indices(e.source_module) if ckpt.adapter else None
-            items[(e.target, "token_rows")] = _Item(e.target, "token_rows", e.module, (e,), indices=ids)
+            items[(e.target, "token_rows")] = _Item(e.target, "token_rows", e.module, (e,), indices=scaling.token_indices(e.source_module))
+        elif ckpt.is_adapter and e.role is Role.FULL and e.module in lora_modules:
+            # PEFT's copy of the base layer of a LoRA-targeted embedding (save_embedding_layers): not trained
+            items[(e.target, "saved_base")] = _Item(e.target, "saved_base", e.module, (e,))
         else:  # BASE, FULL, BIAS: a stored tensor that is (or replaces) the base tensor
             items[(e.target, "tensor")] = _Item(e.target, "tensor", e.module, (e,))
     if not ckpt.is_adapter:
@@ -162,7 +174,10 @@ def _diff_items(a: Checkpoint, b: Checkpoint, atol: float, notes: list[str]) -> 
         x, y = ia.get(key), ib.get(key)
         module = (x or y).module
         group, layer = layout.group(module), layout.layer_index(module)
-        if x is None:
+        if (x is None or y is None) and (x or y).kind == "saved_base":
+            notes.append(f"{'A' if x else 'B'} holds PEFT's saved copy of the base layer {(x or y).name} (save_embedding_layers): "
+                         "not part of what was trained, not compared (pass --base to check it against the base)")
+        elif x is None:
             rows.append(_only(y, "b", group, layer))
         elif y is None:
             rows.append(_only(x, "a", group, layer))

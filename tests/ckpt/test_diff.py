@@ -10,7 +10,7 @@ from peft import LoraConfig
 from qvl_plugin.ckpt.diff import diff_checkpoints
 from qvl_plugin.ckpt.effect import lora_effect_stats, tensor_stats
 from qvl_plugin.errors import UsageError
-from tests.factories import rewrite_adapter, ADAPTER_VARIANTS, make_adapter, make_dump, to_legacy_key
+from tests.factories import ADAPTER_VARIANTS, make_adapter, make_clean_dump, make_dump, rewrite_adapter, to_legacy_key
 
 QV = ["q_proj", "v_proj"]
 MTS = LoraConfig(r=4, lora_alpha=8, target_modules=QV, modules_to_save=["embed_tokens", "lm_head"])
@@ -91,6 +91,34 @@ def test_dump_vs_adapter_of_the_same_run_is_equal(run):
     assert any("no lora_alpha" in n for n in report.notes)
     # alpha given explicitly: no borrowing
     assert not any("no lora_alpha" in n for n in diff_checkpoints(run["dump"], run["adapter"], lora_alpha=8).notes)
+
+
+@pytest.mark.parametrize("dump", ["seed", "clean"])
+@pytest.mark.parametrize("variant", sorted(ADAPTER_VARIANTS))
+def test_dump_vs_adapter_of_the_same_run_is_equal_for_every_variant(qwen2_vl_base, tmp_path, variant, dump):
+    """Token rows borrow the adapter's indices; PEFT's saved base layer (embedding LoRA) is noted, not a row."""
+    peft_model, adapter = make_adapter(qwen2_vl_base.model, ADAPTER_VARIANTS[variant]("qwen2-vl"), tmp_path / "adapter")
+    pth = (make_dump if dump == "seed" else make_clean_dump)(peft_model, tmp_path / "dump.pth")
+    report = diff_checkpoints(pth, adapter)
+    assert report.equal, [(r.name, r.kind, r.status, r.note) for r in report.changed]
+    if variant == "embedding-lora":
+        assert any("saved copy of the base layer" in n for n in report.notes)
+        # a saved base layer that differs from BASE is a difference once BASE is given
+        assert diff_checkpoints(pth, adapter, base=qwen2_vl_base.path).equal
+        moved = rewrite_adapter(adapter, tmp_path / "moved", lambda sd: {k: v + 1 if ".base_layer." in k else v for k, v in sd.items()})
+        assert not diff_checkpoints(pth, moved, base=qwen2_vl_base.path).equal
+
+
+def test_diff_cli_exits_0_for_dump_vs_adapter_with_token_rows_and_embedding_lora(qwen2_vl_base, tmp_path):
+    from click.testing import CliRunner
+
+    from qvl_plugin.cli import main
+
+    for variant in ("tokens", "embedding-lora"):
+        peft_model, adapter = make_adapter(qwen2_vl_base.model, ADAPTER_VARIANTS[variant]("qwen2-vl"), tmp_path / variant)
+        pth = make_dump(peft_model, tmp_path / f"{variant}.pth")
+        result = CliRunner().invoke(main, ["diff", str(pth), str(adapter)])
+        assert result.exit_code == 0, result.output
 
 
 def test_legacy_and_new_layout_adapter_are_one_row_each(run):
