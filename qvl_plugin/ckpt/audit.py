@@ -15,7 +15,6 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .audit_header import header_checks
-from .audit_values import value_checks
 from .checksums import CHECKSUM_NAME, verify_manifest
 from .findings import CODES, SEVERITY_RANK, audit_ok, few, finding, ordered
 from .view import Checkpoint, Finding, open_checkpoint
@@ -56,6 +55,8 @@ def audit(
             findings += ckpt.findings
             findings += _checksums(ckpt)
             findings += header_checks(ckpt, base_ckpt)
+            from .audit_values import value_checks  # reads values: torch from here on
+
             findings += value_checks(ckpt, base_ckpt)
     finally:
         if base_ckpt is not None:

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .effect import LoraPair, lora_pairs
+from .pairs import LoraPair, lora_pairs
 from .findings import few as _few
 from .findings import finding as _finding
 from .keys import PEFT_PREFIX

@@ -7,7 +7,7 @@ import torch
 
 from ..errors import CheckpointError
 from .audit_header import BaseFacts
-from .effect import lora_pairs
+from .pairs import lora_pairs
 from .findings import few as _few
 from .findings import finding as _finding
 from .merge_math import all_finite

@@ -20,7 +20,6 @@ from ..errors import UsageError
 from .diff_report import DiffReport, GroupDiff, TensorDiff, sort_key
 from .effect import LoraPair, effective_weight, lora_effect_stats, lora_pairs, tensor_stats
 from .formats import detect_format
-from .inspect import dtype_name
 from .view import Checkpoint, Entry, Role, open_checkpoint
 
 __all__ = ["diff_checkpoints", "DiffReport", "GroupDiff", "TensorDiff"]
@@ -50,7 +49,7 @@ class _Item:
 
     @property
     def dtype(self) -> str:
-        return "/".join(sorted({dtype_name(e.dtype) for e in self.entries}))
+        return "/".join(sorted({e.dtype_name for e in self.entries}))
 
 
 class _Scaling:
@@ -232,7 +231,7 @@ class _Effective:
         else:
             full = [x for x in self.by_target.get(target, ()) if x.role in (Role.FULL, Role.BIAS)]
             e = full[0] if full else self.base_tensors.get(target) or (self.base_tensors.get(self.embed) if target == self.head else None)
-        return (e.shape, dtype_name(e.dtype)) if e is not None else (None, None)
+        return (e.shape, e.dtype_name) if e is not None else (None, None)
 
     def load(self, target: str) -> torch.Tensor:
         if not self.ckpt.is_adapter:

@@ -8,16 +8,16 @@ Shared by diff (effect comparison), audit (shape checks) and merge-adjacent tool
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
 from ..errors import CheckpointError
 from . import merge_math as mm
+from .pairs import LoraPair, lora_pairs
 from .view import Entry, Role
 
-__all__ = ["LoraPair", "lora_pairs", "tensor_stats", "lora_effect_stats", "effective_weight"]
+__all__ = ["LoraPair", "lora_pairs", "tensor_stats", "lora_effect_stats", "effective_weight"]  # pairs re-exported
 
 _CHUNK = 1 << 22  # elements per chunk of a streamed comparison (32 MB as float64)
 
@@ -91,54 +91,6 @@ def lora_effect_stats(
     return max_abs, diff, norm_b
 
 
-
-
-@dataclass(frozen=True)
-class LoraPair:
-    """The LoRA factors acting on one canonical tensor (``a`` or ``b`` is None when the file lacks it)."""
-
-    target: str
-    module: str
-    source_module: str
-    a: Entry | None
-    b: Entry | None
-
-    @property
-    def embedding(self) -> bool:
-        e = self.a or self.b
-        return e is not None and e.role in (Role.EMB_A, Role.EMB_B)
-
-    @property
-    def rank(self) -> int | None:
-        if self.a is not None and self.a.shape:
-            return self.a.shape[0]
-        if self.b is not None and len(self.b.shape) > 1:
-            return self.b.shape[1]
-        return None
-
-    @property
-    def effect_shape(self) -> tuple[int, ...] | None:
-        """Shape of ``B@A`` as the base tensor sees it (embeddings transposed, Conv1D not)."""
-        if self.a is None or self.b is None or len(self.a.shape) < 2 or not self.b.shape:
-            return None
-        if self.embedding:
-            return (self.a.shape[1], self.b.shape[0])
-        return (self.b.shape[0], *self.a.shape[1:])
-
-
-def lora_pairs(entries: Iterable[Entry]) -> dict[str, LoraPair]:
-    """Canonical target -> its LoRA pair (header-only grouping of lora_A/lora_B and the embedding variants)."""
-    parts: dict[str, dict[str, Entry]] = {}
-    for e in entries:
-        if e.role in (Role.LORA_A, Role.EMB_A):
-            parts.setdefault(e.target, {})["a"] = e
-        elif e.role in (Role.LORA_B, Role.EMB_B):
-            parts.setdefault(e.target, {})["b"] = e
-    out = {}
-    for target, p in parts.items():
-        any_e = p.get("a") or p.get("b")
-        out[target] = LoraPair(target, any_e.module, any_e.source_module, p.get("a"), p.get("b"))
-    return out
 
 
 def effective_weight(

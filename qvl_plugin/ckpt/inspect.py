@@ -8,11 +8,7 @@ from typing import Any
 from ..layouts import GROUPS
 from .view import Checkpoint, Role
 
-__all__ = ["summarize", "lora_summary", "dtype_name"]
-
-
-def dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
+__all__ = ["summarize", "lora_summary"]
 
 
 def lora_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
@@ -88,7 +84,7 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "layout": ckpt.layout.name,
         "num_tensors": len(ckpt.entries),
         "total_bytes": ckpt.total_bytes,
-        "dtypes": dict(sorted(Counter(dtype_name(e.dtype) for e in ckpt.entries).items())),
+        "dtypes": dict(sorted(Counter(e.dtype_name for e in ckpt.entries).items())),
         "roles": dict(sorted(Counter(e.role.value for e in ckpt.entries).items())),
         "lora": lora_summary(ckpt) if ckpt.is_adapter else None,
         "modules_to_save": mts if ckpt.is_adapter else [],

@@ -15,13 +15,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import CheckpointError, UnsafeCheckpointError
+from .dtypes import SAFETENSORS_NAMES, itemsize
 
 __all__ = [
     "MAX_HEADER_BYTES",
-    "SAFETENSORS_DTYPES",
     "read_safetensors_header",
     "safe_torch_load",
     "resolve_inside",
@@ -32,16 +30,6 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config/index/adapter JSON files are kilobytes; refuse to slurp a huge one
 _MAX_DIM = 2**63 - 1  # what torch (int64 sizes) and safetensors (usize) can represent
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr)
-    for name, attr in {
-        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-        "U16": "uint16", "U32": "uint32", "U64": "uint64",
-        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    }.items()
-    if hasattr(torch, attr)
-}
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
@@ -101,7 +89,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]
     spans = []
     for key, info in header.items():
         try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            size = itemsize(SAFETENSORS_NAMES[info["dtype"]])
             shape, offsets = info["shape"], info["data_offsets"]
             if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2):
                 raise ValueError
@@ -113,7 +101,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]
         numel = 1
         for s in shape:
             numel *= s
-        if not 0 <= start <= end <= data_len or end - start != numel * dtype.itemsize:
+        if not 0 <= start <= end <= data_len or end - start != numel * size:
             raise UnsafeCheckpointError(
                 f"{name}: tensor {key[:80]!r} claims bytes {start}..{end} that do not match its shape/dtype or the file"
             )
@@ -141,6 +129,8 @@ def safe_torch_load(path: Path) -> Any:
         raise CheckpointError(
             f"{name}: not a torch zip checkpoint (legacy or corrupt pickle; re-save with a current torch.save)"
         )
+    import torch
+
     try:
         with warnings.catch_warnings():  # torch's deprecation chatter about odd tensors must not break the one-line contract
             warnings.simplefilter("ignore")

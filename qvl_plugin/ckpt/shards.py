@@ -15,13 +15,13 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UsageError, WriteError
-from .safety import SAFETENSORS_DTYPES
+from .dtypes import SAFETENSORS_NAMES
 
 __all__ = ["TensorSpec", "ShardPlan", "parse_size", "plan_shards", "header_bytes", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME"]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-_DTYPE_NAMES = {dt: name for name, dt in SAFETENSORS_DTYPES.items()}
+_DTYPE_NAMES = {getattr(torch, attr): name for name, attr in SAFETENSORS_NAMES.items() if hasattr(torch, attr)}
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,18 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 from ..errors import CheckpointError
 from ..layouts import Layout, detect_layout
 from .adapter_config import AdapterSettings, load_adapter_config
+from .dtypes import itemsize, torch_dtype
 from .formats import RawCheckpoint, RawTensor, detect_format, read_raw
 from .keys import LORA_ROLES, PEFT_PREFIX, REPLACE_ROLES, ParsedKey, Role, parse_key
 from .safety import read_json
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Checkpoint", "Entry", "Finding", "Role", "open_checkpoint", "LORA_ROLES", "REPLACE_ROLES"]
 
@@ -46,10 +48,10 @@ class Entry:
     param: str
     role: Role
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_name: str  # torch's name ("bfloat16"): header-only work never imports torch
     nbytes: int
     source_module: str
-    _load: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+    _load: Callable[[], "torch.Tensor"] = field(repr=False, compare=False)
     location: tuple[Path, int] | None = field(default=None, repr=False, compare=False)
     """(file, byte offset) of the raw data when stored in safetensors: lets writers read rows or copy bytes."""
 
@@ -59,10 +61,14 @@ class Entry:
         return f"{self.module}.{self.param}" if self.module else self.param
 
     @property
+    def dtype(self) -> "torch.dtype":
+        return torch_dtype(self.dtype_name)
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def load(self) -> torch.Tensor:
+    def load(self) -> "torch.Tensor":
         """Read this tensor (and only this one). Treat the result as read-only."""
         return self._load()
 
@@ -126,8 +132,8 @@ class Checkpoint:
         return None
 
 
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * dtype.itemsize
+def _nbytes(shape: tuple[int, ...], dtype_name: str) -> int:
+    return math.prod(shape) * itemsize(dtype_name)
 
 
 _NDIM = {
@@ -147,6 +153,12 @@ def _plausible_ndim(e: "Entry") -> bool:
     return allowed is None or len(e.shape) in allowed
 
 
+def _equal(a: RawTensor, b: RawTensor) -> bool:
+    import torch  # duplicates exist only in pickles, which imported torch already
+
+    return torch.equal(a.load(), b.load())
+
+
 def _dedupe(tensors: list[RawTensor]) -> tuple[list[RawTensor], list[Finding]]:
     """Fold the manual dump's leading-dot duplicates (``.x`` next to ``x``) into one tensor each."""
     groups: dict[str, list[RawTensor]] = defaultdict(list)
@@ -160,10 +172,10 @@ def _dedupe(tensors: list[RawTensor]) -> tuple[list[RawTensor], list[Finding]]:
             if other is keep:
                 continue
             same = other.storage is not None and other.storage == keep.storage
-            if not same and (other.shape != keep.shape or other.dtype != keep.dtype or not torch.equal(other.load(), keep.load())):
+            if not same and (other.shape != keep.shape or other.dtype_name != keep.dtype_name or not _equal(other, keep)):
                 raise CheckpointError(f"keys {keep.key!r} and {other.key!r} name the same tensor with different values")
             dup_keys.append(other.key)
-        kept.append(RawTensor(name, keep.shape, keep.dtype, keep.load, keep.storage))
+        kept.append(RawTensor(name, keep.shape, keep.dtype_name, keep.load, keep.storage))
     findings = []
     if dup_keys:
         findings.append(
@@ -273,8 +285,8 @@ def _build(raw: RawCheckpoint, adapter_config, lora_alpha, layout) -> Checkpoint
             param=p.param,
             role=p.role,
             shape=t.shape,
-            dtype=t.dtype,
-            nbytes=_nbytes(t.shape, t.dtype),
+            dtype_name=t.dtype_name,
+            nbytes=_nbytes(t.shape, t.dtype_name),
             source_module=p.module,
             _load=t.load,
             location=t.location,

@@ -27,7 +27,8 @@ import torch
 from ..errors import QvlError, WriteError
 from .checksums import CHECKSUM_NAME, write_manifest
 from .outputs import check_output, install_dir, os_error_text, temp_dir_for
-from .safety import SAFETENSORS_DTYPES, read_safetensors_header
+from .dtypes import SAFETENSORS_NAMES, name_of
+from .safety import read_safetensors_header
 from .shards import ShardPlan, TensorSpec, header_bytes
 
 __all__ = ["CheckpointWriter", "CHECKSUM_NAME"]
@@ -249,7 +250,7 @@ class CheckpointWriter:
             for name, info in header.items():
                 spec = want[name]
                 start, end = info["data_offsets"]
-                if SAFETENSORS_DTYPES[info["dtype"]] != spec.dtype or tuple(info["shape"]) != spec.shape or end - start != spec.nbytes:
+                if SAFETENSORS_NAMES[info["dtype"]] != name_of(spec.dtype) or tuple(info["shape"]) != spec.shape or end - start != spec.nbytes:
                     raise WriteError(f"verification of {fname} failed: tensor {name!r} does not match the plan")
             if metadata != self.plan.metadata:
                 raise WriteError(f"verification of {fname} failed: metadata differs")

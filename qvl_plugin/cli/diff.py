@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
@@ -17,9 +18,11 @@ from rich.table import Table
 
 from ..ckpt.audit import audit as run_audit
 from ..ckpt.audit import audit_ok
-from ..ckpt.diff import DiffReport, diff_checkpoints
 from ..ckpt.formats import FORMATS
 from ..errors import QvlError
+
+if TYPE_CHECKING:
+    from ..ckpt.diff_report import DiffReport
 from .guard import fail
 from .render import SEVERITY_STYLE, console, print_json
 
@@ -56,6 +59,8 @@ def diff(ctx: click.Context, a: str, b: str, base: str | None, atol: float, top:
 
     Exit 0 when equal within --atol, 1 when different, 2 on usage or input errors.
     """
+    from ..ckpt.diff import diff_checkpoints  # torch: only when diffing
+
     try:
         report = diff_checkpoints(a, b, base=base, atol=atol, adapter_config=adapter_config, lora_alpha=lora_alpha)
     except QvlError as e:
@@ -75,7 +80,7 @@ def _trouble(ctx: click.Context, message: str) -> None:
     fail(message, code=2)
 
 
-def _render_diff(r: DiffReport, top: int) -> None:
+def _render_diff(r: "DiffReport", top: int) -> None:
     console.print(f"A: [bold]{escape(r.a)}[/bold]")
     console.print(f"B: [bold]{escape(r.b)}[/bold]" + (f"  (base {escape(r.base)})" if r.base else ""))
     mode = {"adapter": "adapters by LoRA effect", "tensor": "tensors", "effective": "effective weights (base + adapter)"}[r.mode]

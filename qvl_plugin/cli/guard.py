@@ -34,7 +34,26 @@ class _Guarded:
 
 
 class QvlGroup(_Guarded, click.Group):
-    """A click group whose subcommands follow the error contract."""
+    """A click group whose subcommands follow the error contract.
+
+    ``lazy`` maps a command name to ``"module:attribute"`` (relative to ``qvl_plugin.cli``): the module is
+    imported only when that command runs, so ``qvl-ckpt inspect`` never pays for torch or peft.
+    """
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in self.lazy:
+            import importlib
+
+            module, _, attr = self.lazy[name].partition(":")
+            self.add_command(getattr(importlib.import_module(f"qvl_plugin.cli.{module}"), attr), name)
+        return super().get_command(ctx, name)
 
 
 class QvlCommand(_Guarded, click.Command):

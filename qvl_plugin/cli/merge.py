@@ -9,9 +9,6 @@ import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..ckpt.convert import convert as convert_api
-from ..ckpt.extract import extract as extract_api
-from ..ckpt.merge import merge as merge_api
 from .render import console, human_bytes, print_json
 
 __all__ = ["merge", "convert", "extract"]
@@ -52,6 +49,8 @@ def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, for
 
     Everything is validated before the first byte is written; tensors stream one at a time.
     """
+    from ..ckpt.merge import merge as merge_api  # torch: only when this command runs
+
     with _progress("merging", not as_json) as progress:
         report = merge_api(src, base, out, adapter_config=adapter_config, lora_alpha=lora_alpha, dtype=dtype,
                            max_shard_size=max_shard_size, force=force, progress=progress, checksum=checksum)
@@ -90,6 +89,8 @@ def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, for
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def convert(src, to, out, base, adapter_config, lora_alpha, force, as_json) -> None:
     """Convert SRC between a .pth dump and a PEFT adapter dir (bit-exact both ways)."""
+    from ..ckpt.convert import convert as convert_api  # torch: only when this command runs
+
     report = convert_api(src, to, out, base=base, adapter_config=adapter_config, lora_alpha=lora_alpha, force=force)
     if as_json:
         print_json(report.to_dict())
@@ -130,6 +131,8 @@ def _rank(value: str) -> int | str:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def extract(merged, base, out, rank, energy, force, as_json) -> None:
     """Extract MERGED - BASE as a PEFT adapter: truncated SVD per changed Linear, the rest as modules_to_save."""
+    from ..ckpt.extract import extract as extract_api  # torch: only when this command runs
+
     with _progress("extracting", not as_json, unit_bytes=False) as progress:
         report = extract_api(merged, base, out, rank=rank, energy=energy, force=force, progress=progress)
     if as_json:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from ...errors import CheckpointError
+from ..dtypes import torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["RawTensor", "RawCheckpoint", "FORMATS", "detect_format", "read_raw"]
 
@@ -21,10 +23,14 @@ FORMATS: tuple[str, ...] = ("pth", "peft", "merged")
 class RawTensor:
     key: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
-    load: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+    dtype_name: str  # torch's name ("bfloat16"); torch itself is imported only when a tensor is read
+    load: Callable[[], "torch.Tensor"] = field(repr=False, compare=False)
     storage: Any = field(default=None, repr=False, compare=False)  # identity for duplicate detection (pth)
     location: tuple[Path, int] | None = field(default=None, repr=False, compare=False)  # safetensors: file, data offset
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        return torch_dtype(self.dtype_name)
 
 
 @dataclass

@@ -4,23 +4,28 @@ no tensor bytes are read until asked."""
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...errors import CheckpointError
 from ..safety import safe_torch_load
+from ..dtypes import name_of
 from . import RawCheckpoint, RawTensor
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["read", "tensors_from_state_dict"]
 
 _WRAPPERS = ("state_dict", "model", "module", "model_state_dict")
 
 
-def _storage_id(t: torch.Tensor) -> tuple:
+def _storage_id(t: "torch.Tensor") -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
 def tensors_from_state_dict(sd: dict, name: str) -> tuple[list[RawTensor], list[tuple]]:
+    import torch  # only after a pickle was loaded, which imported it already
+
     notes: list[tuple] = []
     if not isinstance(sd, dict):
         raise CheckpointError(f"{name}: expected a dict of tensors, found {type(sd).__name__}")
@@ -40,7 +45,7 @@ def tensors_from_state_dict(sd: dict, name: str) -> tuple[list[RawTensor], list[
             kind = "nested" if v.is_nested else "quantized" if v.is_quantized else "meta" if v.is_meta else str(v.layout).replace("torch.", "")
             raise CheckpointError(f"{name}: tensor {k[:80]!r} is a {kind} tensor; only dense tensors with data are supported")
     tensors = [
-        RawTensor(k, tuple(v.shape), v.dtype, lambda v=v: v, _storage_id(v))
+        RawTensor(k, tuple(v.shape), name_of(v.dtype), lambda v=v: v, _storage_id(v))
         for k, v in sd.items()
         if isinstance(k, str) and isinstance(v, torch.Tensor)
     ]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING
 
 from ...errors import CheckpointError
-from ..safety import SAFETENSORS_DTYPES, read_safetensors_header
+from ..dtypes import SAFETENSORS_NAMES
+from ..safety import read_safetensors_header
 from . import RawTensor
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SafetensorsFile"]
 
@@ -27,12 +30,14 @@ class SafetensorsFile:
     def _open(self):
         if self._handle is None:
             try:
+                from safetensors import safe_open  # imports torch: only when a value is read
+
                 self._handle = safe_open(str(self.path), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error type
                 raise CheckpointError(f"{self.path.name}: cannot open safetensors ({e})") from None
         return self._handle
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str) -> "torch.Tensor":
         try:
             return self._open().get_tensor(key)
         except CheckpointError:
@@ -45,7 +50,7 @@ class SafetensorsFile:
             RawTensor(
                 key,
                 tuple(int(s) for s in info["shape"]),
-                SAFETENSORS_DTYPES[info["dtype"]],
+                SAFETENSORS_NAMES[info["dtype"]],
                 lambda k=key: self.get(k),
                 location=(self.path, self.data_start + info["data_offsets"][0]),
             )
