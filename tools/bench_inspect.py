@@ -8,6 +8,7 @@ process, order alternated, wall time and peak RSS from ``wait4``), measures:
 
   (a) ``qvl-ckpt inspect FILE``
   (b) ``python -c "safe_open(FILE, 'pt').keys()"``: the bare header read the issue compares against
+  (b') the same with ``framework='numpy'`` (no torch import)
   (c) ``python -c "import qvl_plugin"``: interpreter + package import, the fixed floor
 
 and prints medians as a markdown table.
@@ -92,6 +93,7 @@ def main() -> None:
     cmds = {
         "(a) qvl-ckpt inspect": [qvl, "inspect", str(f)],
         "(b) bare safe_open().keys()": [sys.executable, "-c", f"from safetensors import safe_open; safe_open({str(f)!r}, 'pt').keys()"],
+        "(b') bare safe_open(.., 'numpy').keys()": [sys.executable, "-c", f"from safetensors import safe_open; safe_open({str(f)!r}, 'numpy').keys()"],
         "(c) python -c 'import qvl_plugin'": [sys.executable, "-c", "import qvl_plugin"],
     }
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
