@@ -221,7 +221,6 @@ def test_merged_vs_base_lists_the_trained_tensors(run, merged):
 
 
 def test_adapter_plus_base_equals_its_merge(run, merged):
-    pytest.importorskip("qvl_plugin.ckpt.merge_math")
     report = diff_checkpoints(run["adapter"], merged, base=run["base"], atol=1e-6)
     assert report.mode == "effective"
     assert report.equal, [r.to_dict() for r in report.changed[:3]]
@@ -243,7 +242,6 @@ def test_adapter_vs_merged_without_base_is_a_usage_error(run, merged):
 @pytest.mark.parametrize("variant", sorted(ADAPTER_VARIANTS))
 def test_effective_weights_match_peft_merge_for_every_variant(qwen2_vl_base, tmp_path, variant):
     """adapter + base vs PEFT's merge_and_unload, bit for bit (DoRA, embedding, conv, bias, tokens, patterns)."""
-    pytest.importorskip("qvl_plugin.ckpt.merge_math")
     model, base = qwen2_vl_base
     peft_model, adapter = make_adapter(model, ADAPTER_VARIANTS[variant]("qwen2-vl"), tmp_path / "a")
     peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")

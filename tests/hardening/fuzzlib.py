@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import signal
 import struct
-import tempfile
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,8 +34,6 @@ __all__ = [
     "adapter_config_inputs",
     "dump_inputs",
     "pth_bytes_inputs",
-    "KNOWN_BUGS",
-    "known_bug",
 ]
 
 ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
@@ -389,65 +384,6 @@ def pth_bytes_inputs(draw) -> Callable[[Path], Built]:
         return Built(p, dict(kw), mutation)
 
     return build
-
-
-# --- known bugs outside hardening's files: skipped by the fuzz while they reproduce -------------------
-# Each probe returns True while the bug is present; once fixed, the fuzz covers those inputs again
-# automatically. The strict-xfail tests in test_known_bugs.py flip to failures when fixed, so the
-# markers get removed.
-
-def _probe(fn: Callable[[Path], Any]) -> bool:
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            fn(Path(d))
-        except QvlError:
-            return False
-        except Exception:
-            return True
-        return False
-
-
-def _bug_degenerate_lora(root: Path) -> None:
-    torch.save({"m.lora_A.weight": torch.zeros(())}, root / "a.pth")
-    with open_checkpoint(root / "a.pth", lora_alpha=8) as c:
-        summarize(c)
-
-
-def _bug_rank_zero(root: Path) -> None:
-    torch.save({"m.lora_A.weight": torch.zeros(0, 4)}, root / "a.pth")
-    with open_checkpoint(root / "a.pth", lora_alpha=8) as c:
-        summarize(c)
-
-
-def _bug_bad_pattern(root: Path) -> None:
-    write_st(root / "adapter_model.safetensors", *valid_st([("base_model.model.m.lora_A.weight", "F32", [2, 2])]))
-    (root / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4, "alpha_pattern": {"(": 1}}))
-    with open_checkpoint(root) as c:
-        summarize(c)
-
-
-KNOWN_BUGS: dict[str, bool] = {
-    "degenerate-lora-shape": _probe(_bug_degenerate_lora),
-    "rank-zero": _probe(_bug_rank_zero),
-    "bad-pattern-regex": _probe(_bug_bad_pattern),
-}
-
-
-def _frames(exc: BaseException) -> list[str]:
-    return [f.filename.replace("\\", "/") for f in traceback.extract_tb(exc.__traceback__)]
-
-
-def known_bug(exc: BaseException) -> str | None:
-    """Name of the known (still present) bug that explains ``exc``, else None."""
-    frames = _frames(exc)
-    in_file = lambda suffix: any(f.endswith(suffix) for f in frames)
-    if KNOWN_BUGS["degenerate-lora-shape"] and isinstance(exc, IndexError) and in_file("qvl_plugin/ckpt/inspect.py"):
-        return "degenerate-lora-shape"
-    if KNOWN_BUGS["rank-zero"] and isinstance(exc, ZeroDivisionError) and in_file("qvl_plugin/ckpt/adapter_config.py"):
-        return "rank-zero"
-    if KNOWN_BUGS["bad-pattern-regex"] and isinstance(exc, re.error) and in_file("qvl_plugin/ckpt/adapter_config.py"):
-        return "bad-pattern-regex"
-    return None
 
 
 # --- adapters aimed at a real base, for merge ---------------------------------------------------------

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner, Result
 
 from qvl_plugin.cli import main
@@ -39,15 +38,6 @@ def assert_one_line_error(result: Result, *fragments: str) -> str:
     for frag in fragments:
         assert frag.lower() in lines[0].lower(), (frag, lines[0])
     return lines[0]
-
-
-def has_command(name: str) -> bool:
-    return name in main.commands
-
-
-def require_command(name: str) -> None:
-    if not has_command(name):
-        pytest.skip(f"`qvl-ckpt {name}` has not landed yet")
 
 
 def console_script() -> list[str]:

@@ -18,19 +18,17 @@ from pathlib import Path
 
 import pytest
 
+from qvl_plugin.ckpt import writer as writer_mod
+from qvl_plugin.ckpt.checksums import CHECKSUM_NAME
+from qvl_plugin.ckpt.convert import convert
+from qvl_plugin.ckpt.merge import merge
 from qvl_plugin.ckpt.view import open_checkpoint
+from qvl_plugin.errors import QvlError, UsageError
 
 try:
-    from .hardening_util import assert_one_line_error, cli, console_script, has_command, require_command
+    from .hardening_util import assert_one_line_error, cli, console_script
 except ImportError:  # tests/hardening is not a package
-    from hardening_util import assert_one_line_error, cli, console_script, has_command, require_command
-
-try:
-    from qvl_plugin.ckpt import merge as _merge_mod  # noqa: F401
-except ImportError:  # pragma: no cover
-    pytestmark = pytest.mark.skip(reason="qvl_plugin.ckpt.merge has not landed yet")
-
-needs_cli = pytest.mark.skipif(not has_command("merge"), reason="`qvl-ckpt merge` has not landed yet")
+    from hardening_util import assert_one_line_error, cli, console_script
 
 
 def _digest(directory: Path) -> dict[str, str]:
@@ -102,13 +100,8 @@ def test_kill9_at_random_points_leaves_no_partial_out(driver, big_pair):
     # a rerun next to whatever the killed runs left behind succeeds, gives the reference bytes, and
     # clears the dead runs' temporary directories
     out = driver["work"] / "kill" / "merged"
-    if has_command("merge"):
-        res = subprocess.run(_merge_cmd(base, adapter, out, "--max-shard-size", "20MB"), capture_output=True, text=True, env=_env(), timeout=120)
-        assert res.returncode == 0, res.stderr
-    else:
-        from qvl_plugin.ckpt.merge import merge
-
-        merge(adapter, base, out, max_shard_size="20MB")
+    res = subprocess.run(_merge_cmd(base, adapter, out, "--max-shard-size", "20MB"), capture_output=True, text=True, env=_env(), timeout=120)
+    assert res.returncode == 0, res.stderr
     assert _digest(out) == driver["reference"]
     assert not _siblings(out), f"stale temp dirs survive a rerun: {sorted(_siblings(out))}"
 
@@ -131,8 +124,6 @@ def _dead_pid() -> int:
 
 
 def test_stale_temp_dir_of_a_dead_run_is_cleared(small_pair, tmp_path):
-    from qvl_plugin.ckpt.merge import merge
-
     base, adapter = small_pair
     out = tmp_path / "merged"
     stale = tmp_path / f".merged.qvl-tmp-{_dead_pid()}-abc123"
@@ -145,8 +136,6 @@ def test_stale_temp_dir_of_a_dead_run_is_cleared(small_pair, tmp_path):
 
 
 def test_stale_temp_file_of_a_dead_run_is_cleared(small_pair, tmp_path):
-    from qvl_plugin.ckpt.convert import convert
-
     _, adapter = small_pair
     stale = tmp_path / f".x.pth.qvl-tmp-{_dead_pid()}-abc123"
     stale.write_bytes(b"half a zip")
@@ -165,7 +154,6 @@ def test_concurrent_merges_into_same_out(driver, force):
 
 # --- OUT equal to or inside an input -----------------------------------------------------------------
 
-@needs_cli
 def test_out_equal_to_or_inside_an_input_is_refused(small_pair, tmp_path):
     base, adapter = small_pair
     before_base, before_adapter = _digest(base), _digest(adapter)
@@ -179,7 +167,6 @@ def test_out_equal_to_or_inside_an_input_is_refused(small_pair, tmp_path):
     assert not (base / "sub").exists() and not (adapter / "merged").exists()
 
 
-@needs_cli
 def test_existing_out_needs_force_and_force_keeps_a_valid_model(small_pair, tmp_path):
     base, adapter = small_pair
     out = tmp_path / "out"
@@ -192,9 +179,8 @@ def test_existing_out_needs_force_and_force_keeps_a_valid_model(small_pair, tmp_
     assert assert_absent_or_complete(out, _weight_names(base)) == "complete"
 
 
-# --- concurrent runs into the same OUT ---------------------------------------------------------------
+# --- OUT inside an input: convert and extract -------------------------------------------------------
 
-@pytest.mark.skipif(not (has_command("convert") and has_command("extract")), reason="convert/extract have not landed")
 def test_convert_and_extract_refuse_out_inside_input(small_pair, tmp_path):
     base, adapter = small_pair
     merged = tmp_path / "merged"
@@ -213,9 +199,6 @@ def test_convert_and_extract_refuse_out_inside_input(small_pair, tmp_path):
 # --- OUT inside an input, through the library -------------------------------------------------------
 
 def test_out_inside_input_refused_by_library(small_pair, tmp_path):
-    from qvl_plugin.ckpt.merge import merge
-    from qvl_plugin.errors import UsageError
-
     base, adapter = small_pair
     before = _digest(base), _digest(adapter)
     link = tmp_path / "link-to-base"
@@ -249,8 +232,6 @@ class _Disk:
 
 def _install_full_disk(monkeypatch, disk: _Disk) -> None:
     import builtins
-
-    from qvl_plugin.ckpt import writer as writer_mod
 
     real_open = builtins.open
     real_cfr = getattr(os, "copy_file_range", None)
@@ -298,9 +279,6 @@ def _install_full_disk(monkeypatch, disk: _Disk) -> None:
 
 @pytest.mark.parametrize("dtype", ["auto", "bf16"])  # auto: kernel copies of unchanged tensors; bf16: every byte written
 def test_enospc_midway_gives_clear_error_and_removes_temp(small_pair, tmp_path, monkeypatch, dtype):
-    from qvl_plugin.ckpt.merge import merge
-    from qvl_plugin.errors import QvlError
-
     base, adapter = small_pair
     ref = merge(adapter, base, tmp_path / "ref", max_shard_size="100KB", dtype=dtype)
     total = sum(p.stat().st_size for p in (tmp_path / "ref").iterdir())
@@ -341,29 +319,24 @@ def small_tmpfs(tmp_path: Path, size: str = "30m"):
 
 def test_full_disk_real_tmpfs(big_pair, tmp_path):
     """A real full file system (30 MB tmpfs, ~100 MB model): clear error, nothing left on it."""
-    from qvl_plugin.ckpt.merge import merge
-    from qvl_plugin.errors import QvlError
-
     base, adapter = big_pair
     with small_tmpfs(tmp_path) as mnt:
         with pytest.raises(QvlError, match="(?i)no space left"):
             merge(adapter, base, mnt / "merged", max_shard_size="20MB")
         assert os.listdir(mnt) == [], f"partial output left on the full disk: {os.listdir(mnt)}"
-        if has_command("merge"):
-            res = cli("merge", adapter, "--base", base, "-o", mnt / "merged", "--max-shard-size", "20MB")
-            assert_one_line_error(res, "no space left")
-            assert os.listdir(mnt) == []
-        if has_command("convert"):  # the adapter is ~50 MB (a 200k-row lm_head): 30 MB cannot hold it
-            dump = tmp_path / "dump.pth"
-            assert cli("convert", adapter, "--to", "pth", "-o", dump).exit_code == 0
-            res = cli("convert", dump, "--to", "peft", "-o", mnt / "peft", "--adapter-config", adapter / "adapter_config.json")
-            assert_one_line_error(res, "no space left")
-            assert os.listdir(mnt) == []
-            res = cli("convert", adapter, "--to", "pth", "-o", mnt / "a.pth", debug=False)
-            assert res.exit_code == 1 and os.listdir(mnt) == [], (res.output, os.listdir(mnt))
+        res = cli("merge", adapter, "--base", base, "-o", mnt / "merged", "--max-shard-size", "20MB")
+        assert_one_line_error(res, "no space left")
+        assert os.listdir(mnt) == []
+        # the adapter is ~50 MB (a 200k-row lm_head): 30 MB cannot hold it
+        dump = tmp_path / "dump.pth"
+        assert cli("convert", adapter, "--to", "pth", "-o", dump).exit_code == 0
+        res = cli("convert", dump, "--to", "peft", "-o", mnt / "peft", "--adapter-config", adapter / "adapter_config.json")
+        assert_one_line_error(res, "no space left")
+        assert os.listdir(mnt) == []
+        res = cli("convert", adapter, "--to", "pth", "-o", mnt / "a.pth", debug=False)
+        assert res.exit_code == 1 and os.listdir(mnt) == [], (res.output, os.listdir(mnt))
 
 
-@pytest.mark.skipif(not has_command("convert"), reason="convert has not landed")
 def test_full_disk_convert_to_pth_is_a_clear_error(big_pair, tmp_path):
     _, adapter = big_pair
     with small_tmpfs(tmp_path) as mnt:
@@ -420,10 +393,6 @@ def _corrupt_index(tmp: Path) -> None:
 @pytest.mark.parametrize("corrupt", [_corrupt_truncate, _corrupt_shape, _corrupt_rename, _corrupt_drop_shard, _corrupt_index],
                          ids=["truncated", "shape", "renamed", "missing-shard", "index"])
 def test_verify_catches_corruption_between_write_and_rename(small_pair, tmp_path, monkeypatch, corrupt):
-    from qvl_plugin.ckpt import writer as writer_mod
-    from qvl_plugin.ckpt.merge import merge
-    from qvl_plugin.errors import QvlError
-
     base, adapter = small_pair
     real_verify = writer_mod.CheckpointWriter.verify
     seen = []
@@ -443,38 +412,25 @@ def test_verify_catches_corruption_between_write_and_rename(small_pair, tmp_path
 
 # --- --checksum: a sha256 manifest that audit verifies -----------------------------------------------
 
-def _checksum_file(out: Path) -> Path:
-    from qvl_plugin.ckpt import writer as writer_mod
-
-    return out / getattr(writer_mod, "CHECKSUM_NAME", "checksums.sha256")
-
-
 def test_checksum_manifest_matches_sha256sum(small_pair, tmp_path):
-    from qvl_plugin.ckpt.merge import merge
-
     base, adapter = small_pair
     out = tmp_path / "merged"
     merge(adapter, base, out, max_shard_size="100KB", checksum=True)
-    manifest = _checksum_file(out)
+    manifest = out / CHECKSUM_NAME
     listed = {line.split("  ", 1)[1] for line in manifest.read_text().splitlines()}
     assert listed == {p.name for p in out.iterdir()} - {manifest.name}
-    if shutil.which("sha256sum"):
-        proc = subprocess.run(["sha256sum", "--check", "--strict", manifest.name], cwd=out, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    if has_command("merge"):
-        out2 = tmp_path / "cli"
-        res = cli("merge", adapter, "--base", base, "-o", out2, "--checksum", "--max-shard-size", "100KB")
-        assert res.exit_code == 0, res.output
-        assert _checksum_file(out2).read_text() == manifest.read_text()
+    proc = subprocess.run(["sha256sum", "--check", "--strict", manifest.name], cwd=out, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out2 = tmp_path / "cli"
+    res = cli("merge", adapter, "--base", base, "-o", out2, "--checksum", "--max-shard-size", "100KB")
+    assert res.exit_code == 0, res.output
+    assert (out2 / CHECKSUM_NAME).read_text() == manifest.read_text()
 
 
 def test_audit_verifies_checksum_manifest(small_pair, tmp_path):
-    from qvl_plugin.ckpt.merge import merge
-
     base, adapter = small_pair
     out = tmp_path / "merged"
     merge(adapter, base, out, max_shard_size="100KB", checksum=True)
-    require_command("audit")
     ok = cli("audit", out, "--json")
     assert "checksum-mismatch" not in ok.stdout
     shard = sorted(out.glob("*.safetensors"))[-1]
@@ -499,17 +455,13 @@ def test_audit_verifies_checksum_manifest(small_pair, tmp_path):
 ])
 def test_audit_survives_a_hostile_manifest(small_pair, tmp_path, line):
     """A manifest is input too: names outside OUT, links out, FIFOs, garbage -> a finding, never a read outside."""
-    from qvl_plugin.ckpt import writer as writer_mod
-    from qvl_plugin.ckpt.merge import merge
-
-    require_command("audit")
     base, adapter = small_pair
     out = tmp_path / "merged"
     merge(adapter, base, out, max_shard_size="100KB", checksum=True)
     (tmp_path / "outside.txt").write_text("secret")
     (out / "link-out").symlink_to(tmp_path / "outside.txt")
     os.mkfifo(out / "fifo")
-    manifest = out / writer_mod.CHECKSUM_NAME
+    manifest = out / CHECKSUM_NAME
     manifest.write_bytes(manifest.read_bytes() + line.encode("utf-8", "surrogateescape") + b"\n")
     res = cli("audit", out, "--json")
     assert isinstance(res.exception, (SystemExit, type(None))), res.exception

@@ -26,10 +26,10 @@ from qvl_plugin.errors import AdapterConfigError, CheckpointError, QvlError, Uns
 
 
 try:
-    from .hardening_util import assert_one_line_error, assert_script_one_line_error, cli, has_command, run_script
+    from .hardening_util import assert_one_line_error, assert_script_one_line_error, cli, run_script
     from .fuzzlib import time_limit, valid_st, write_st
 except ImportError:  # tests/hardening is not a package
-    from hardening_util import assert_one_line_error, assert_script_one_line_error, cli, has_command, run_script
+    from hardening_util import assert_one_line_error, assert_script_one_line_error, cli, run_script
     from fuzzlib import time_limit, valid_st, write_st
 
 
@@ -40,39 +40,22 @@ def _open(path, **kw):
 
 # --- pickles with a code payload ---------------------------------------------------------------------
 
-class _SystemPayload:
-    def __init__(self, marker: Path):
-        self.marker = marker
+class _Payload:
+    """An object whose unpickling calls ``fn(*args)``: what a hostile dump carries."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
 
     def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+        return (self.fn, self.args)
 
 
-class _ExecPayload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",))
-
-
-class _EvalPayload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (builtins.eval, (f"__import__('pathlib').Path({str(self.marker)!r}).touch()",))
-
-
-class _PopenPayload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (subprocess.Popen, (["touch", str(self.marker)],))
-
-
-PAYLOADS = {"os.system": _SystemPayload, "builtins.exec": _ExecPayload, "builtins.eval": _EvalPayload, "subprocess.Popen": _PopenPayload}
+PAYLOADS = {
+    "os.system": lambda marker: _Payload(os.system, f"touch {marker}"),
+    "builtins.exec": lambda marker: _Payload(builtins.exec, f"open({str(marker)!r}, 'w').close()"),
+    "builtins.eval": lambda marker: _Payload(builtins.eval, f"__import__('pathlib').Path({str(marker)!r}).touch()"),
+    "subprocess.Popen": lambda marker: _Payload(subprocess.Popen, ["touch", str(marker)]),
+}
 
 
 def _evil(path: Path, marker: Path, payload: str = "os.system", legacy: bool = False) -> Path:
@@ -139,29 +122,27 @@ def test_pickle_payload_cli_inspect_audit_merge(tmp_path):
     evil = _evil(tmp_path / "evil.pth", marker)
     assert_one_line_error(cli("inspect", evil, "--lora-alpha", 8), "refused")
     assert_one_line_error(cli("inspect", evil, "--json"), "refused")
-    if has_command("audit"):  # audit reports an unreadable input as a finding (exit 1), not as an error line
-        res = cli("audit", evil, "--json")
-        assert res.exit_code == 1 and isinstance(res.exception, (SystemExit, type(None))), res.output
-        assert "Traceback" not in res.output
-        found = json.loads(res.stdout)["findings"]
-        assert [f["code"] for f in found] == ["unreadable"] and "refused" in found[0]["message"]
-    if has_command("merge"):
-        base = _tiny_base(tmp_path / "base")
-        out = tmp_path / "out"
-        assert_one_line_error(cli("merge", evil, "--base", base, "-o", out, "--lora-alpha", 8), "refused")
-        assert not out.exists()
-        # the payload as the BASE's weights
-        evil_base = tmp_path / "evil_base"
-        evil_base.mkdir()
-        (evil_base / "config.json").write_text("{}")
-        _evil(evil_base / "pytorch_model.bin", marker, "builtins.exec")
-        good = tmp_path / "good.pth"
-        torch.save({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 8)}, good)
-        assert_one_line_error(cli("merge", good, "--base", evil_base, "-o", out, "--lora-alpha", 8))
-        assert not out.exists()
-    if has_command("convert"):
-        assert_one_line_error(cli("convert", evil, "--to", "peft", "-o", tmp_path / "conv", "--lora-alpha", 8), "refused")
-        assert not (tmp_path / "conv").exists()
+    # audit reports an unreadable input as a finding (exit 1), not as an error line
+    res = cli("audit", evil, "--json")
+    assert res.exit_code == 1 and isinstance(res.exception, (SystemExit, type(None))), res.output
+    assert "Traceback" not in res.output
+    found = json.loads(res.stdout)["findings"]
+    assert [f["code"] for f in found] == ["unreadable"] and "refused" in found[0]["message"]
+    base = _tiny_base(tmp_path / "base")
+    out = tmp_path / "out"
+    assert_one_line_error(cli("merge", evil, "--base", base, "-o", out, "--lora-alpha", 8), "refused")
+    assert not out.exists()
+    # the payload as the BASE's weights
+    evil_base = tmp_path / "evil_base"
+    evil_base.mkdir()
+    (evil_base / "config.json").write_text("{}")
+    _evil(evil_base / "pytorch_model.bin", marker, "builtins.exec")
+    good = tmp_path / "good.pth"
+    torch.save({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 8)}, good)
+    assert_one_line_error(cli("merge", good, "--base", evil_base, "-o", out, "--lora-alpha", 8))
+    assert not out.exists()
+    assert_one_line_error(cli("convert", evil, "--to", "peft", "-o", tmp_path / "conv", "--lora-alpha", 8), "refused")
+    assert not (tmp_path / "conv").exists()
     assert not marker.exists()
 
 

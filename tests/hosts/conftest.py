@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -12,23 +11,14 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_YAML = ROOT / "recipes" / "tiny-qwen2-vl.yaml"
 
 
-def merge_available() -> bool:
-    """The merge API lands separately; merged-output tests skip until it exists."""
-    try:
-        return importlib.util.find_spec("qvl_plugin.ckpt.merge") is not None
-    except ModuleNotFoundError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """``run_training`` on the shipped tiny YAML with 4 steps (merged output only once merge exists)."""
+    """``run_training`` on the shipped tiny YAML with 4 steps (adapter, clean dump and merged model)."""
     from qvl_plugin.hosts.runner import load_train_config, run_training
 
     saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     try:
-        formats = ["adapter", "pth"] + (["merged"] if merge_available() else [])
-        config = load_train_config(TINY_YAML, overrides={"save": formats},
+        config = load_train_config(TINY_YAML, overrides={"save": ["adapter", "pth", "merged"]},
                                    training_args={"max_steps": 4, "per_device_train_batch_size": 2})
         return run_training(config, output_dir=tmp_path_factory.mktemp("tiny-run"))
     finally:

@@ -80,8 +80,7 @@ def test_plain_accelerate_loop(recipe, tiny_processor, tmp_path):
 
 
 def test_trl_sft_trainer(recipe, tiny_processor, tmp_path):
-    pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
+    import datasets
     from trl import SFTConfig, SFTTrainer
 
     from qvl_plugin.hosts import QvlSaveCallback
