@@ -51,10 +51,14 @@ def console_script() -> list[str]:
     return [sys.executable, "-c", "from qvl_plugin.cli import main; main()"]
 
 
-def run_script(*args, cwd=None, timeout: float = 120, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **(env_extra or {}))
-    env.pop("QVL_DEBUG", None)
-    return subprocess.run([*console_script(), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+def script_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child run as a user would (no QVL_DEBUG), plus ``extra``."""
+    return {k: v for k, v in os.environ.items() if k != "QVL_DEBUG"} | extra
+
+
+def run_script(*args, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``qvl-ckpt ARGS`` in a fresh process, as a user runs it."""
+    return subprocess.run([*console_script(), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=script_env())
 
 
 def assert_script_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:

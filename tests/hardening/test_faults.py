@@ -26,9 +26,9 @@ from qvl_plugin.ckpt.view import open_checkpoint
 from qvl_plugin.errors import QvlError, UsageError
 
 try:
-    from .hardening_util import assert_one_line_error, cli, console_script
+    from .hardening_util import assert_one_line_error, cli, run_script, script_env
 except ImportError:  # tests/hardening is not a package
-    from hardening_util import assert_one_line_error, cli, console_script
+    from hardening_util import assert_one_line_error, cli, run_script, script_env
 
 
 def _digest(directory: Path) -> dict[str, str]:
@@ -61,16 +61,6 @@ def assert_absent_or_complete(out: Path, expected_names: set[str]) -> str:
     return "complete"
 
 
-def _merge_cmd(base, adapter, out, *extra: str) -> list[str]:
-    return [*console_script(), "merge", str(adapter), "--base", str(base), "-o", str(out), *extra]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("QVL_DEBUG", None)
-    return env
-
-
 def _siblings(out: Path) -> set[str]:
     return {p.name for p in out.parent.iterdir()} - {out.name}
 
@@ -82,7 +72,7 @@ def driver(big_pair, tmp_path_factory):
     base, adapter = big_pair
     work = tmp_path_factory.mktemp("faults")
     args = {"base": str(base), "adapter": str(adapter), "work": str(work), "seed": 6, "kills": 6}
-    env = dict(_env(), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = script_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("fault_driver.py")), json.dumps(args)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,7 +90,7 @@ def test_kill9_at_random_points_leaves_no_partial_out(driver, big_pair):
     # a rerun next to whatever the killed runs left behind succeeds, gives the reference bytes, and
     # clears the dead runs' temporary directories
     out = driver["work"] / "kill" / "merged"
-    res = subprocess.run(_merge_cmd(base, adapter, out, "--max-shard-size", "20MB"), capture_output=True, text=True, env=_env(), timeout=120)
+    res = run_script("merge", adapter, "--base", base, "-o", out, "--max-shard-size", "20MB")
     assert res.returncode == 0, res.stderr
     assert _digest(out) == driver["reference"]
     assert not _siblings(out), f"stale temp dirs survive a rerun: {sorted(_siblings(out))}"
