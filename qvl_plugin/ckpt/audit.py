@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from .audit_header import header_checks
 from .checksums import CHECKSUM_NAME, verify_manifest
+from .serve_audit import serving_audit
 from .findings import CODES, SEVERITY_RANK, audit_ok, few, finding, ordered
 from .view import Checkpoint, Finding, open_checkpoint
 
@@ -29,9 +30,11 @@ def audit(
     adapter_config: str | Path | None = None,
     lora_alpha: float | None = None,
     format: str | None = None,
+    serve: str | None = None,
 ) -> list[Finding]:
     """Audit SRC (any format), optionally against BASE (a full model). Never raises for a bad file:
-    a checkpoint that cannot be opened safely is reported as ``unreadable``."""
+    a checkpoint that cannot be opened safely is reported as ``unreadable``. ``serve="vllm"`` adds the
+    engine's serving rules (``serve_audit``)."""
     findings: list[Finding] = []
     base_ckpt: Checkpoint | None = None
     if base is not None:
@@ -55,6 +58,7 @@ def audit(
             findings += ckpt.findings
             findings += _checksums(ckpt)
             findings += header_checks(ckpt, base_ckpt)
+            findings += serving_audit(ckpt, serve)
             from .audit_values import value_checks  # reads values: torch from here on
 
             findings += value_checks(ckpt, base_ckpt)

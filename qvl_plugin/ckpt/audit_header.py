@@ -88,19 +88,6 @@ def header_checks(ckpt: Checkpoint, base_ckpt: Checkpoint | None) -> list[Findin
                     "(pass --adapter-config or --lora-alpha to merge or convert it)",
                 )
             )
-        # modules_to_save copies: FULL tensors of modules without LoRA (a LoRA module's FULL tensor is its
-        # saved base_layer, e.g. an embedding written by save_embedding_layers)
-        lora_modules = {p.module for p in pairs.values()}
-        mts = sorted({e.key for e in entries if e.role is Role.FULL and e.module not in lora_modules})
-        if mts:
-            mods = sorted({e.module for e in entries if e.role is Role.FULL and e.module not in lora_modules})
-            out.append(
-                _finding(
-                    "vllm-incompatible",
-                    f"modules_to_save tensors for {_few(mods)}: vLLM refuses adapters with modules_to_save; merge first",
-                    mts,
-                )
-            )
         if ckpt.format == "pth":
             out += _strict_false(ckpt, BaseFacts(base_ckpt) if base_ckpt is not None else None)
     if base_ckpt is not None:

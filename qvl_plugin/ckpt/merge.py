@@ -28,6 +28,7 @@ from .merge_plan import open_adapter, open_base, plan_merge
 from .reader import CHUNK_ELEMENTS, TensorReader
 from .outputs import check_output, support_files
 from .shards import ShardPlan, plan_shards
+from .view import Checkpoint
 from .writer import CheckpointWriter
 
 __all__ = ["merge", "plan_merge", "MergeReport", "MergeError", "MergePlan", "TensorPlan", "TensorReader", "parse_dtype", "open_base", "open_adapter"]
@@ -196,7 +197,7 @@ def _whole(tp: TensorPlan, t: torch.Tensor, rows, factors, bias) -> torch.Tensor
 
 
 def merge(
-    src: str | Path,
+    src: str | Path | Checkpoint,
     base: str | Path,
     out: str | Path,
     *,
@@ -214,7 +215,8 @@ def merge(
     ``progress(done_bytes, total_bytes)`` is called after each tensor.
     """
     t_start = time.perf_counter()
-    out = check_output(out, [src, base], force)
+    src_path = src.path if isinstance(src, Checkpoint) else src  # an opened (e.g. filtered) adapter: merge --serve
+    out = check_output(out, [src_path, base], force)
     plan = plan_merge(src, base, adapter_config=adapter_config, lora_alpha=lora_alpha, dtype=dtype)
     with plan:
         t_plan = time.perf_counter() - t_start
@@ -224,7 +226,7 @@ def merge(
         if rewrite_config:
             files = [f for f in files if f.name != "config.json"]  # written from the plan (tie flag, dtype)
         clock = _Clock()
-        with CheckpointWriter(out, shard_plan, inputs=[src, base], force=force, checksum=checksum) as w:
+        with CheckpointWriter(out, shard_plan, inputs=[src_path, base], force=force, checksum=checksum) as w:
             _execute(plan, w, clock, progress)
             for f in files:
                 w.copy_file(f)

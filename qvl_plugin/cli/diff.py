@@ -20,6 +20,7 @@ from ..ckpt.audit import audit as run_audit
 from ..ckpt.audit import audit_ok
 from ..ckpt.formats import FORMATS
 from ..errors import QvlError
+from ..serving import engines as serving_engines
 
 if TYPE_CHECKING:
     from ..ckpt.diff_report import DiffReport
@@ -129,15 +130,16 @@ def _render_diff(r: "DiffReport", top: int) -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Force the input format instead of detecting it.")
 @click.option("--adapter-config", type=click.Path(exists=True, dir_okay=False), help="adapter_config.json for a .pth dump (alpha, patterns).")
 @click.option("--lora-alpha", type=float, help="LoRA alpha for a .pth dump without a config.")
+@click.option("--serve", type=click.Choice(serving_engines()), help="Also check what this serving engine refuses, ignores or limits.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"findings": [...], "ok": bool}.')
 @click.pass_context
 def audit(ctx: click.Context, src: str, base: str | None, strict: bool, fmt: str | None, adapter_config: str | None,
-          lora_alpha: float | None, as_json: bool) -> None:
+          lora_alpha: float | None, serve: str | None, as_json: bool) -> None:
     """Will SRC load and do what was trained? Findings with stable codes.
 
     Exit 1 when an error was found (with --strict, a warning too), 0 otherwise, 2 on usage errors.
     """
-    findings = run_audit(src, base=base, adapter_config=adapter_config, lora_alpha=lora_alpha, format=fmt)
+    findings = run_audit(src, base=base, adapter_config=adapter_config, lora_alpha=lora_alpha, format=fmt, serve=serve)
     ok = audit_ok(findings, strict=strict)
     if as_json:
         print_json({"findings": [f.to_dict() for f in findings], "ok": ok})

@@ -9,6 +9,8 @@ import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..errors import UsageError
+from ..serving import engines as serving_engines
 from .render import console, human_bytes, print_json
 
 __all__ = ["merge", "convert", "extract"]
@@ -43,12 +45,19 @@ def _progress(label: str, enabled: bool, unit_bytes: bool = True) -> Iterator[Ca
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT (atomically).")
 @click.option("--checksum", is_flag=True, help="Also write a SHA256SUMS manifest into OUT.")
+@click.option("--serve", type=click.Choice(serving_engines()),
+              help="Partial merge for this engine: OUT/base gets only what it cannot serve, OUT/adapter the LoRA it can.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, checksum, as_json) -> None:
+def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, checksum, serve, as_json) -> None:
     """Merge the adapter SRC (PEFT dir or .pth dump) into --base and write a plain HF model dir to -o.
 
     Everything is validated before the first byte is written; tensors stream one at a time.
     """
+    if serve is not None:
+        if checksum:
+            raise UsageError("--checksum is not supported with --serve")
+        _partial(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, serve, as_json)
+        return
     from ..ckpt.merge import merge as merge_api  # torch: only when this command runs
 
     with _progress("merging", not as_json) as progress:
@@ -76,6 +85,23 @@ def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, for
         console.print(f"[yellow]note[/yellow] {note}")
     if report.skipped:
         console.print("[yellow]not copied[/yellow] (sub-directories): " + ", ".join(report.skipped))
+
+
+def _partial(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, serve, as_json) -> None:
+    from ..ckpt.partial_merge import partial_merge  # torch: only when this command runs
+
+    with _progress("merging", not as_json) as progress:
+        r = partial_merge(src, base, out, engine=serve, adapter_config=adapter_config, lora_alpha=lora_alpha, dtype=dtype,
+                          max_shard_size=max_shard_size, force=force, progress=progress)
+    if as_json:
+        print_json(r.to_dict())
+        return
+    console.print(f"partial merge for [bold]{serve}[/bold] -> [bold green]{r.out}[/bold green]")
+    console.print(f"base: {len(r.baked)} adapter tensors baked ({', '.join(r.rules) or 'nothing the engine refuses'})")
+    if r.adapter is not None:
+        console.print(f"adapter: {len(r.kept)} LoRA tensors in {r.adapter}")
+    for note in r.notes:
+        console.print(f"[yellow]note[/yellow] {note}")
 
 
 @click.command()

@@ -45,20 +45,25 @@ def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def _key(name: str, steps: Sequence[Sequence[str]]) -> str:
-    blob = json.dumps({"name": name, "python": sys.version_info[:2], "steps": [list(s) for s in steps]})
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+def _key(name: str, steps: Sequence[Sequence[str]], post: Sequence[Sequence[str]] = ()) -> str:
+    d = {"name": name, "python": sys.version_info[:2], "steps": [list(s) for s in steps]}
+    if post:  # a script's content counts, not only its name
+        d["post"] = [[Path(a).read_text() if a.endswith(".py") and Path(a).is_file() else a for a in s] for s in post]
+    return hashlib.sha256(json.dumps(d).encode()).hexdigest()[:12]
 
 
-def ensure_venv(name: str, pip_steps: Sequence[Sequence[str]], *, timeout: float = 1800) -> Path:
+def ensure_venv(name: str, pip_steps: Sequence[Sequence[str]], *, post_install: Sequence[Sequence[str]] = (),
+                timeout: float = 1800) -> Path:
     """A ready venv named ``name`` in which each ``pip install <step...>`` in ``pip_steps`` has run.
 
-    Built once per distinct (name, steps, python) and reused; concurrent callers wait on a lock.
-    A half-built venv (no ready marker) is removed and built again.
+    ``post_install``: argument lists run with the venv's python afterwards (``["-m", "pip", "uninstall", "-y",
+    "x"]``, ``["fix.py"]``), for wheels that need fixing on this platform; they are part of the cache key.
+    Built once per distinct (name, steps, post-install, python) and reused; concurrent callers wait on a
+    lock. A half-built venv (no ready marker) is removed and built again.
     """
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    venv = root / f"{name}-{_key(name, pip_steps)}"
+    venv = root / f"{name}-{_key(name, pip_steps, post_install)}"
     with open(root / f".{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (venv / _READY).is_file():
@@ -71,6 +76,11 @@ def ensure_venv(name: str, pip_steps: Sequence[Sequence[str]], *, timeout: float
             if proc.returncode != 0:
                 tail = (proc.stdout + proc.stderr)[-3000:]
                 raise RuntimeError(f"building the {name} venv failed at `pip install {' '.join(step)}`:\n{tail}")
+        for step in post_install:
+            proc = subprocess.run([str(venv_python(venv)), *step], capture_output=True, text=True, timeout=timeout)
+            if proc.returncode != 0:
+                tail = (proc.stdout + proc.stderr)[-3000:]
+                raise RuntimeError(f"building the {name} venv failed at post-install `python {' '.join(step)}`:\n{tail}")
         (venv / _READY).write_text(json.dumps({"name": name, "steps": [list(s) for s in pip_steps]}))
         return venv
 
