@@ -38,6 +38,7 @@ class Rule:
     engine_says: str
     advice: str
     partial: str                  # bake (the matched tensors) | bake_module (every tensor of the module) | keep
+    served_with: str | None = None  # an engine option under which the engine serves it after all (measured)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def _rule(d: dict) -> Rule:
         not_module=re.compile(m["not_module"]) if m.get("not_module") else None,
         not_lora_module=bool(m.get("not_lora_module")), rank_above=m.get("rank_above"), config=d.get("config"),
         engine_says=d["engine_says"], advice=d["advice"], partial=d.get("partial", "keep"),
+        served_with=d.get("served_with"),
     )
 
 

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 
 from qvl_plugin.hosts.tiny import load_processor, tiny_dir
 from tests.factories import make_adapter
@@ -85,12 +85,24 @@ VARIANTS: dict[str, LoraConfig] = {
     "vision-lora": LoraConfig(r=8, lora_alpha=16, target_modules=_VISION),
     "embedding-lora": LoraConfig(r=8, lora_alpha=16, target_modules=["embed_tokens", "q_proj"]),
     "lora-bias": LoraConfig(r=8, lora_alpha=16, lora_bias=True, target_modules=_QV),
+    "bias-all": LoraConfig(r=8, lora_alpha=16, bias="all", target_modules=_QV),
+    "vision-combo": LoraConfig(r=8, lora_alpha=16, target_modules=f"({_VISION}|{_LANG})"),
 }
+#: lora_B scale per kind: the simulated training's noise must move greedy tokens through 4 image tokens
+_BOOST = {"vision-lora": 40.0, "vision-combo": 40.0}
 
 
 def make_variant(base_model, kind: str, path: Path, seed: int = 1):
-    peft_model, path = make_adapter(base_model, copy.deepcopy(VARIANTS[kind]), path, seed=seed)
-    return peft_model, path
+    """PEFT adapter ``kind`` on a copy of ``base_model``, saved to ``path``: ``(peft_model, path)``."""
+    peft_model, _ = make_adapter(base_model, copy.deepcopy(VARIANTS[kind]), None, seed=seed)
+    boost = _BOOST.get(kind)
+    if boost:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name and "visual" in name:
+                    p.mul_(boost)
+    peft_model.save_pretrained(path)
+    return peft_model, Path(path)
 
 
 def image():
