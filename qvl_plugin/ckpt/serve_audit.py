@@ -100,7 +100,8 @@ def _need(rules: EngineRules, rank: int) -> int | None:
 
 def _message(rules: EngineRules, hit: Hit) -> str:
     r = hit.rule
-    where = f"{len(hit.entries)} tensors in {_few(hit.modules)}" if hit.entries else "set in adapter_config.json"
+    n = len(hit.entries)
+    where = f"{n} tensor{'s' if n != 1 else ''} in {_few(hit.modules)}" if hit.entries else "set in adapter_config.json"
     verb = {"refused": "refuses", "ignored": "silently ignores", "limit": "limits"}[r.verdict]
     says, advice = r.engine_says, r.advice
     if hit.detail:
