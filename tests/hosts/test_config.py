@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from qvl_plugin.errors import QvlError
-from qvl_plugin.hosts.runner import TrainConfigError, load_train_config
+from qvl_plugin.hosts.config import TrainConfigError, load_train_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_YAML = ROOT / "recipes" / "tiny-qwen2-vl.yaml"
