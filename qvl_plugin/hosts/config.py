@@ -8,6 +8,8 @@
     synthetic_size: 512                  # size of the synthetic set (no dataset)
     prompt: Describe the image.
     collator: my_pkg.data:make_collator  # optional factory(processor) -> collator
+    callbacks: [my_pkg.cb:make_callback] # optional factories() -> TrainerCallback, added to the Trainer
+    deepspeed: ds_zero3.json             # optional DeepSpeed config: a JSON path or an inline mapping
     training_args: {max_steps: 40, learning_rate: 2.0e-4}   # TrainingArguments kwargs
     output_dir: out/run                  # relative to the working directory
     seed: 0
@@ -31,7 +33,7 @@ __all__ = ["TrainConfig", "TrainConfigError", "load_train_config", "KEYS", "DEFA
 
 KEYS = (
     "recipe", "overrides", "model", "model_kwargs", "dataset", "synthetic_size", "prompt", "collator",
-    "training_args", "output_dir", "seed", "verify",
+    "training_args", "output_dir", "seed", "verify", "callbacks", "deepspeed",
 )
 DEFAULT_OUTPUT = "out/qvl-train"
 FORCED_ARGS = {"remove_unused_columns": False}  # the collator needs the image column
@@ -56,6 +58,8 @@ class TrainConfig:
     output_dir: Path = Path(DEFAULT_OUTPUT)
     seed: int = 0
     verify: bool | None = None
+    callbacks: tuple[str, ...] = ()
+    deepspeed: Mapping[str, Any] | None = None
     source: str = "<mapping>"
 
     @property
@@ -135,6 +139,11 @@ def load_train_config(source: str | Path | Mapping[str, Any], *, overrides: Mapp
     output_dir = typed("output_dir", str, "a directory path", DEFAULT_OUTPUT)
     seed = typed("seed", int, "an integer", 0)
     verify = typed("verify", bool, "true or false")
+    callbacks = typed("callbacks", list, "a list of import paths like 'pkg.module:factory'") or []
+    for cb in callbacks:
+        if not isinstance(cb, str) or ":" not in cb:
+            raise fail(label, f"callbacks: {cb!r} must look like 'pkg.module:factory'")
+    deepspeed = _deepspeed_config(label, data.get("deepspeed"))
 
     # recipe
     from ..recipes import Recipe, RecipeError, get_recipe
@@ -170,11 +179,42 @@ def load_train_config(source: str | Path | Mapping[str, Any], *, overrides: Mapp
             raise fail(label, f"training_args: unknown TrainingArguments field {key!r}{_hint(key, known)}")
     if "output_dir" in args:
         raise fail(label, "training_args.output_dir: use the top-level output_dir")
+    if "deepspeed" in args:
+        raise fail(label, "training_args.deepspeed: use the top-level deepspeed (its process group is set up first)")
     for key, value in FORCED_ARGS.items():
         if key in args and args[key] != value:
             raise fail(label, f"training_args.{key} must stay {value!r} (the collator needs the image column)")
     return TrainConfig(
         recipe=recipe, model=model, model_kwargs=model_kwargs, dataset=Path(dataset) if dataset else None,
         synthetic_size=size, prompt=prompt, collator=collator, training_args=args, output_dir=Path(output_dir),
-        seed=seed, verify=verify, source=label,
+        seed=seed, verify=verify, callbacks=tuple(callbacks), deepspeed=deepspeed, source=label,
     )
+
+
+def _deepspeed_config(label: str, value: Any) -> dict[str, Any] | None:
+    """The ``deepspeed:`` section as a dict: an inline mapping, or a JSON file (relative to the working
+    directory, like every path in the file). Read here so that a bad file fails before any model is built."""
+    import json
+
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        cfg = dict(value)
+    elif isinstance(value, str) and value.strip():
+        path = Path(value)
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise fail(label, f"deepspeed {value!r}: no such file (a DeepSpeed JSON config, or an inline mapping)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise fail(label, f"deepspeed {value!r}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        except json.JSONDecodeError as e:
+            raise fail(label, f"deepspeed {value!r}: not valid JSON ({e})") from None
+        if not isinstance(cfg, Mapping):
+            raise fail(label, f"deepspeed {value!r}: expected a JSON object, got {type(cfg).__name__}")
+    else:
+        raise fail(label, f"deepspeed must be a JSON file path or a mapping, got {type(value).__name__} {value!r}")
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, Mapping) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise fail(label, f"deepspeed: zero_optimization.stage must be 0, 1, 2 or 3, got {zero!r}")
+    return cfg

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ def _training_arguments(config: TrainConfig, output_dir: Path):
         kwargs.update(use_cpu=True, dataloader_pin_memory=False)
     kwargs.update(config.training_args)
     kwargs.update(FORCED_ARGS)
+    if config.deepspeed is not None:
+        kwargs["deepspeed"] = dict(config.deepspeed)
     try:
         return TrainingArguments(output_dir=str(output_dir), **kwargs)
     except (TypeError, ValueError) as e:
@@ -80,12 +83,57 @@ def _has_accelerator() -> bool:
     return bool(acc is not None and acc.is_available())
 
 
-def _import(path: str):
+def _import(path: str, what: str = "collator"):
     module, _, attr = path.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise TrainConfigError(f"collator {path!r}: {e}") from None
+        raise TrainConfigError(f"{what} {path!r}: {e}") from None
+
+
+def _zero_stage(config: TrainConfig) -> int:
+    return int((config.deepspeed or {}).get("zero_optimization", {}).get("stage", 0)) if config.deepspeed else 0
+
+
+def init_deepspeed_comm(source: str = "deepspeed") -> None:
+    """Start DeepSpeed's process group before TrainingArguments exist (gloo without an accelerator).
+
+    TrainingArguments checks ``train_batch_size`` against the world size it sees when created; with
+    ``use_cpu`` accelerate would never start the group itself, so every rank would think it is alone.
+    Outside a launcher this is a 1-process group on localhost.
+    """
+    try:
+        import deepspeed
+    except ImportError:
+        raise TrainConfigError(f"{source}: the deepspeed section needs DeepSpeed: pip install 'qvl-plugin[deepspeed]'") from None
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:  # not launched by torchrun/accelerate/deepspeed: one process
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend=None if _has_accelerator() else "gloo", auto_mpi_discovery=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reload_adapter(base: Path | None, adapter: Path | None):
+    """The saved adapter on a fresh, unpartitioned copy of the base (None when either is missing)."""
+    if base is None or adapter is None:
+        return None
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32, local_files_only=True)
+    return PeftModel.from_pretrained(model, str(adapter))
 
 
 def _load_model(config: TrainConfig):
@@ -165,13 +213,18 @@ def run_training(config: TrainConfig | str | Path, *, max_steps: int | None = No
     if max_steps is not None:
         args_over["max_steps"] = int(max_steps)
     config = dataclasses.replace(config, training_args=args_over)
+    if config.deepspeed is not None:
+        init_deepspeed_comm(config.source)
+    # The tiny model is built before TrainingArguments: under ZeRO-3 those open zero.Init for every later
+    # construction, which the direct constructor cannot run under; DeepSpeed partitions it at initialize.
+    model = build_tiny_model(config.seed) if config.embedded else None
     args = _training_arguments(config, out)
     _ = args.device  # sets up accelerate's state (and the process group under torchrun) before rank checks
     distributed, rank = _dist()
     set_seed(config.seed)
+    zero3 = _zero_stage(config) == 3
 
     if config.embedded:
-        model = build_tiny_model(config.seed)
         processor = load_processor()
         base = out / "base"
         if rank == 0:  # the untrained model as a plain HF dir: what a merge/audit starts from
@@ -180,7 +233,7 @@ def run_training(config: TrainConfig | str | Path, *, max_steps: int | None = No
             _commit(tmp, base)
         model_label = "embedded tiny Qwen2-VL"
     else:
-        model, processor, base = _load_model(config)
+        model, processor, base = _load_model(config)  # under ZeRO-3: into partitions (zero.Init)
         model_label = config.model
     if "merged" in config.recipe.save and base is None:
         raise TrainConfigError(f"{config.source}: 'merged' needs the base model as a local dir; {config.model!r} "
@@ -197,29 +250,38 @@ def run_training(config: TrainConfig | str | Path, *, max_steps: int | None = No
 
     saver = QvlSaveCallback(config.recipe, base_path=base, final_dir=out)
     recorder = _Progress(progress)
+    extra = [_import(path, "callbacks")() for path in config.callbacks]
     trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=collator,
-                      callbacks=[saver, recorder])
+                      callbacks=[saver, recorder, *extra])
     trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    if zero3:  # training is over: later from_pretrained calls (verification) must not open zero.Init
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
     final = saver.final
     result = TrainResult(
         output_dir=out, recipe=config.recipe.name, model=model_label, base=base,
         adapter=final.adapter if final else None, pth=final.pth if final else None,
         merged=final.merged if final else None, losses=recorder.losses, steps=trainer.state.global_step,
-        train_seconds=seconds, trainable=sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        train_seconds=seconds,
+        trainable=sum(getattr(p, "ds_numel", p.numel()) for p in peft_model.parameters() if p.requires_grad),
         tensors=final.tensors if final else 0, world_size=args.world_size, is_main=rank == 0,
     )
     verify = config.embedded if config.verify is None else config.verify
     if rank == 0 and verify:
         batch = collator([dataset[i] for i in range(min(2, len(dataset)))])
-        if result.pth is not None:
+        # Under ZeRO-3 the trained model is partitioned (a forward on one rank would wait for the others):
+        # check against the saved adapter on a fresh copy of the base instead.
+        reference = _reload_adapter(base, result.adapter) if zero3 else peft_model
+        if reference is not None and result.pth is not None:
             dump = torch.load(result.pth, weights_only=True, mmap=True, map_location="cpu")
-            result.dump_unexpected = len(peft_model.load_state_dict(dump, strict=False).unexpected_keys)
-        if result.merged is not None:
-            result.max_abs_diff = _logit_diff(peft_model, result.merged, batch)
+            result.dump_unexpected = len(reference.load_state_dict(dump, strict=False).unexpected_keys)
+        if reference is not None and result.merged is not None:
+            result.max_abs_diff = _logit_diff(reference, result.merged, batch)
     if result.last_loss is not None and not math.isfinite(result.last_loss):
         raise QvlError(f"training diverged: last loss {result.last_loss}")
     return result
