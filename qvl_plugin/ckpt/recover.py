@@ -7,8 +7,8 @@ DeepSpeed's own ``zero_to_fp32`` does; this module does the same for the trainab
 modules_to_save, token rows), without DeepSpeed installed and without running code from the files:
 
 * every file is read with ``torch.load(weights_only=True, mmap=True)``;
-* the two DeepSpeed objects these pickles carry (``ZeroStageEnum``, ``LossScaler``) are admitted through an
-  explicit allow-list of inert stand-ins (plain int, attribute bag): no DeepSpeed code is imported or run,
+* the three DeepSpeed objects these pickles carry (``ZeroStageEnum``, ``LossScaler``, ZeRO-1/2's
+  ``fragment_address``) are admitted through an explicit allow-list of inert stand-ins (plain int, attribute bags): no DeepSpeed code is imported or run,
   and any other global in the pickle is refused.
 
 The result is the clean dump (PEFT in-memory names, one key per trainable tensor), written as ``.pth`` or
@@ -40,6 +40,10 @@ class _LossScaler:
     """Stand-in for ``deepspeed.runtime.fp16.loss_scaler.LossScaler``: receives its attributes, runs nothing."""
 
 
+class _FragmentAddress:
+    """Stand-in for ``deepspeed.utils.tensor_fragment.fragment_address`` (ZeRO-1/2 parameter slices)."""
+
+
 def _zero_stage_enum(value: int) -> int:
     """Stand-in for ``deepspeed.runtime.zero.config.ZeroStageEnum(value)``."""
     if not isinstance(value, int) or value not in (0, 1, 2, 3):
@@ -51,6 +55,7 @@ def _zero_stage_enum(value: int) -> int:
 DEEPSPEED_SAFE_GLOBALS = [
     (_LossScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
     (_zero_stage_enum, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+    (_FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),
 ]
 
 
