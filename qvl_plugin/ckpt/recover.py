@@ -12,7 +12,8 @@ modules_to_save, token rows), without DeepSpeed installed and without running co
   and any other global in the pickle is refused.
 
 The result is the clean dump (PEFT in-memory names, one key per trainable tensor), written as ``.pth`` or
-converted into a PEFT adapter with :func:`qvl_plugin.ckpt.convert.convert` (atomic, through the writer).
+converted into a PEFT adapter with :func:`qvl_plugin.ckpt.convert.convert` (atomic, through the writer;
+the .pth through ``outputs.atomic_file``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from ..errors import AdapterConfigError, CheckpointError, UsageError
 from .safety import safe_torch_load
-from .writer import atomic_file, check_output
+from .outputs import atomic_file, check_output
 
 __all__ = ["RecoverReport", "find_deepspeed_dir", "load_zero_state_dict", "recover", "DEEPSPEED_SAFE_GLOBALS"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..ckpt.recover import recover as recover_api
 from .render import console, print_json
 
 __all__ = ["recover"]
@@ -26,6 +25,8 @@ def recover(src, out, to, adapter_config, lora_alpha, base, force, as_json) -> N
     SRC: a run dir (newest checkpoint-N/), a checkpoint-N/ dir or a global_stepN/ dir. For runs whose saved
     adapter holds empty (ZeRO-3) tensors. No code from the files runs (weights_only loading).
     """
+    from ..ckpt.recover import recover as recover_api  # torch: only when the command runs (--help stays light)
+
     report = recover_api(src, out, to=to, adapter_config=adapter_config, lora_alpha=lora_alpha, base=base, force=force)
     if as_json:
         print_json(report.to_dict())
