@@ -18,6 +18,7 @@ COMMANDS = {
     "convert": "merge:convert",
     "extract": "merge:extract",
     "recipes": "recipes:recipes",
+    "recover": "recover:recover",
 }
 
 

@@ -34,7 +34,8 @@ def _run(path: str, max_steps: int | None, output_dir: str | None, quiet: bool) 
     import time
 
     start = time.perf_counter()
-    from ..hosts.runner import load_train_config, run_training
+    from ..hosts.config import load_train_config
+    from ..hosts.runner import run_training
 
     config = load_train_config(path)  # before transformers is imported: sets HF_HUB_OFFLINE for the tiny model
     _quiet_libraries()

@@ -1,17 +1,5 @@
-"""``qvl-train``: a thin runner that builds a HF ``Trainer`` from a YAML file.
-
-    recipe: qwen2-vl/lora-embed-head     # a registered recipe name, or a recipe mapping
-    overrides: {r: 8, save: [adapter, pth, merged]}
-    model: Qwen/Qwen2-VL-2B-Instruct     # local HF dir or hub id; absent = the embedded tiny Qwen2-VL
-    model_kwargs: {dtype: bfloat16}      # extra from_pretrained kwargs
-    dataset: data/train.jsonl            # local JSON/JSONL of {image, text[, prompt]}; absent = synthetic
-    synthetic_size: 512                  # size of the synthetic set (no dataset)
-    prompt: Describe the image.
-    collator: my_pkg.data:make_collator  # optional factory(processor) -> collator
-    training_args: {max_steps: 40, learning_rate: 2.0e-4}   # TrainingArguments kwargs
-    output_dir: out/run                  # relative to the working directory
-    seed: 0
-    verify: true                         # merged model vs adapter logits (default: on for the tiny model)
+"""``qvl-train``: build the model, recipe, data and a HF ``Trainer`` from a validated :class:`TrainConfig`
+(``config.py``), train, save through :class:`QvlSaveCallback`, and check the merged model on rank 0.
 
 The library never prints: progress goes to an optional ``progress(step, max_steps, loss)`` callable.
 """
@@ -19,7 +7,6 @@ The library never prints: progress goes to an optional ``progress(step, max_step
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import math
 import os
@@ -29,42 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import QvlError
+from .config import FORCED_ARGS, TrainConfig, TrainConfigError, fail, load_train_config
 
-__all__ = ["TrainConfig", "TrainConfigError", "TrainResult", "load_train_config", "run_training", "KEYS"]
-
-KEYS = (
-    "recipe", "overrides", "model", "model_kwargs", "dataset", "synthetic_size", "prompt", "collator",
-    "training_args", "output_dir", "seed", "verify",
-)
-DEFAULT_OUTPUT = "out/qvl-train"
-_FORCED_ARGS = {"remove_unused_columns": False}  # the collator needs the image column
-
-
-class TrainConfigError(QvlError):
-    """A qvl-train YAML file that cannot work (unknown key, wrong type, bad recipe, bad TrainingArguments)."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """A validated qvl-train file."""
-
-    recipe: Any  # qvl_plugin.recipes.Recipe
-    model: str | None = None
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    dataset: Path | None = None
-    synthetic_size: int = 512
-    prompt: str = "Describe the image."
-    collator: str | None = None
-    training_args: Mapping[str, Any] = field(default_factory=dict)
-    output_dir: Path = Path(DEFAULT_OUTPUT)
-    seed: int = 0
-    verify: bool | None = None
-    source: str = "<mapping>"
-
-    @property
-    def embedded(self) -> bool:
-        """True when the embedded tiny model is used (no ``model:``)."""
-        return self.model is None
+__all__ = ["TrainConfig", "TrainConfigError", "TrainResult", "load_train_config", "run_training"]
 
 
 @dataclass
@@ -97,122 +51,6 @@ class TrainResult:
         return self.losses[-1][1] if self.losses else None
 
 
-# -- validation ----------------------------------------------------------------------------------------
-
-
-def _fail(source: str, message: str) -> TrainConfigError:
-    return TrainConfigError(f"{source}: {message}")
-
-
-def _hint(word: str, known) -> str:
-    hits = difflib.get_close_matches(str(word), list(known), n=1, cutoff=0.6)
-    return f" (did you mean {hits[0]!r}?)" if hits else ""
-
-
-def load_train_config(source: str | Path | Mapping[str, Any], *, overrides: Mapping[str, Any] | None = None,
-                      training_args: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Read and validate a qvl-train YAML file (or an already-parsed mapping).
-
-    ``overrides`` / ``training_args`` are merged over the file's own (e.g. fewer steps in tests).
-    Raises :class:`TrainConfigError` with a one-line message.
-    """
-    import yaml
-
-    if isinstance(source, Mapping):
-        data, label = dict(source), "<mapping>"
-    else:
-        path = Path(source)
-        label = str(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise _fail(label, "no such file") from None
-        except OSError as e:
-            raise _fail(label, f"cannot read ({e.strerror or e})") from None
-        except yaml.YAMLError as e:
-            raise _fail(label, f"not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(data, Mapping):
-        raise _fail(label, f"expected a mapping of {', '.join(KEYS)}; got {type(data).__name__}")
-    unknown = [k for k in data if k not in KEYS]
-    if unknown:
-        raise _fail(label, f"unknown key {unknown[0]!r}{_hint(unknown[0], KEYS)}; known: {', '.join(KEYS)}")
-
-    def typed(key: str, kinds, what: str, default=None):
-        value = data.get(key, default)
-        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,))):
-            raise _fail(label, f"{key} must be {what}, got {type(value).__name__} {value!r}")
-        return value
-
-    model = typed("model", str, "a local model directory or hub id")
-    if model is not None and not model.strip():
-        raise _fail(label, "model is empty (omit it for the embedded tiny model)")
-    if model is None:
-        # The embedded default never needs the network: make sure nothing tries.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    model_kwargs = dict(typed("model_kwargs", Mapping, "a mapping of from_pretrained kwargs") or {})
-    dataset = typed("dataset", str, "the path of a local JSON/JSONL file of {image, text} records")
-    if dataset is not None:
-        p = Path(dataset)
-        if not p.is_file():
-            raise _fail(label, f"dataset {dataset!r}: no such file (a local .json/.jsonl of {{image, text}} records)")
-        if p.suffix not in (".json", ".jsonl"):
-            raise _fail(label, f"dataset {dataset!r}: expected a .json or .jsonl file")
-    size = typed("synthetic_size", int, "a positive integer", 512)
-    if size < 1:
-        raise _fail(label, f"synthetic_size must be >= 1, got {size}")
-    prompt = typed("prompt", str, "a string", "Describe the image.")
-    collator = typed("collator", str, "an import path like 'pkg.module:factory'")
-    if collator is not None and ":" not in collator:
-        raise _fail(label, f"collator {collator!r} must look like 'pkg.module:factory'")
-    output_dir = typed("output_dir", str, "a directory path", DEFAULT_OUTPUT)
-    seed = typed("seed", int, "an integer", 0)
-    verify = typed("verify", bool, "true or false")
-
-    # recipe
-    from ..recipes import Recipe, RecipeError, get_recipe
-
-    spec = data.get("recipe")
-    if spec is None:
-        raise _fail(label, "missing 'recipe' (a registered recipe name such as qwen2-vl/lora-embed-head, or a mapping)")
-    recipe_overrides = typed("overrides", Mapping, "a mapping of recipe fields") or {}
-    recipe_overrides = {**recipe_overrides, **(overrides or {})}
-    try:
-        if isinstance(spec, str):
-            recipe = get_recipe(spec)
-        elif isinstance(spec, Mapping):
-            recipe = Recipe.from_dict(spec)
-        else:
-            raise _fail(label, f"recipe must be a name or a mapping, got {type(spec).__name__}")
-        if recipe_overrides:
-            recipe = recipe.with_overrides(**recipe_overrides)
-    except RecipeError as e:
-        raise _fail(label, str(e)) from None
-    if model is None and recipe.family != "qwen2-vl":
-        raise _fail(label, f"the embedded tiny model is a Qwen2-VL but recipe {recipe.name} is for {recipe.family}; "
-                           "give model: <dir or hub id>")
-
-    # TrainingArguments
-    args = typed("training_args", Mapping, "a mapping of TrainingArguments kwargs") or {}
-    args = {**args, **(training_args or {})}
-    from transformers import TrainingArguments
-
-    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    for key in args:
-        if key not in known:
-            raise _fail(label, f"training_args: unknown TrainingArguments field {key!r}{_hint(key, known)}")
-    if "output_dir" in args:
-        raise _fail(label, "training_args.output_dir: use the top-level output_dir")
-    for key, value in _FORCED_ARGS.items():
-        if key in args and args[key] != value:
-            raise _fail(label, f"training_args.{key} must stay {value!r} (the collator needs the image column)")
-    return TrainConfig(
-        recipe=recipe, model=model, model_kwargs=model_kwargs, dataset=Path(dataset) if dataset else None,
-        synthetic_size=size, prompt=prompt, collator=collator, training_args=args, output_dir=Path(output_dir),
-        seed=seed, verify=verify, source=label,
-    )
-
-
 # -- building ------------------------------------------------------------------------------------------
 
 
@@ -227,11 +65,13 @@ def _training_arguments(config: TrainConfig, output_dir: Path):
         # CPU only: Trainer otherwise ignores torchrun's WORLD_SIZE (no gloo DDP) and warns about pinning.
         kwargs.update(use_cpu=True, dataloader_pin_memory=False)
     kwargs.update(config.training_args)
-    kwargs.update(_FORCED_ARGS)
+    kwargs.update(FORCED_ARGS)
+    if config.deepspeed is not None:
+        kwargs["deepspeed"] = dict(config.deepspeed)
     try:
         return TrainingArguments(output_dir=str(output_dir), **kwargs)
     except (TypeError, ValueError) as e:
-        raise _fail(config.source, f"training_args: {' '.join(str(e).split())}") from None
+        raise fail(config.source, f"training_args: {' '.join(str(e).split())}") from None
 
 
 def _has_accelerator() -> bool:
@@ -243,12 +83,57 @@ def _has_accelerator() -> bool:
     return bool(acc is not None and acc.is_available())
 
 
-def _import(path: str):
+def _import(path: str, what: str = "collator"):
     module, _, attr = path.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise TrainConfigError(f"collator {path!r}: {e}") from None
+        raise TrainConfigError(f"{what} {path!r}: {e}") from None
+
+
+def _zero_stage(config: TrainConfig) -> int:
+    return int((config.deepspeed or {}).get("zero_optimization", {}).get("stage", 0)) if config.deepspeed else 0
+
+
+def init_deepspeed_comm(source: str = "deepspeed") -> None:
+    """Start DeepSpeed's process group before TrainingArguments exist (gloo without an accelerator).
+
+    TrainingArguments checks ``train_batch_size`` against the world size it sees when created; with
+    ``use_cpu`` accelerate would never start the group itself, so every rank would think it is alone.
+    Outside a launcher this is a 1-process group on localhost.
+    """
+    try:
+        import deepspeed
+    except ImportError:
+        raise TrainConfigError(f"{source}: the deepspeed section needs DeepSpeed: pip install 'qvl-plugin[deepspeed]'") from None
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:  # not launched by torchrun/accelerate/deepspeed: one process
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend=None if _has_accelerator() else "gloo", auto_mpi_discovery=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reload_adapter(base: Path | None, adapter: Path | None):
+    """The saved adapter on a fresh, unpartitioned copy of the base (None when either is missing)."""
+    if base is None or adapter is None:
+        return None
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32, local_files_only=True)
+    return PeftModel.from_pretrained(model, str(adapter))
 
 
 def _load_model(config: TrainConfig):
@@ -321,20 +206,25 @@ def run_training(config: TrainConfig | str | Path, *, max_steps: int | None = No
     from ..recipes import apply_recipe
 
     if config.recipe.family == "qwen-vl" and config.collator is None:
-        raise _fail(config.source, "Qwen-VL v1 has no processor: give collator: 'pkg.module:factory' (factory(tokenizer) "
+        raise fail(config.source, "Qwen-VL v1 has no processor: give collator: 'pkg.module:factory' (factory(tokenizer) "
                                    "-> collator), or train with your own script and QvlSaveCallback")
     out = Path(output_dir) if output_dir is not None else config.output_dir
     args_over = dict(config.training_args)
     if max_steps is not None:
         args_over["max_steps"] = int(max_steps)
     config = dataclasses.replace(config, training_args=args_over)
+    if config.deepspeed is not None:
+        init_deepspeed_comm(config.source)
+    # The tiny model is built before TrainingArguments: under ZeRO-3 those open zero.Init for every later
+    # construction, which the direct constructor cannot run under; DeepSpeed partitions it at initialize.
+    model = build_tiny_model(config.seed) if config.embedded else None
     args = _training_arguments(config, out)
     _ = args.device  # sets up accelerate's state (and the process group under torchrun) before rank checks
     distributed, rank = _dist()
     set_seed(config.seed)
+    zero3 = _zero_stage(config) == 3
 
     if config.embedded:
-        model = build_tiny_model(config.seed)
         processor = load_processor()
         base = out / "base"
         if rank == 0:  # the untrained model as a plain HF dir: what a merge/audit starts from
@@ -343,7 +233,7 @@ def run_training(config: TrainConfig | str | Path, *, max_steps: int | None = No
             _commit(tmp, base)
         model_label = "embedded tiny Qwen2-VL"
     else:
-        model, processor, base = _load_model(config)
+        model, processor, base = _load_model(config)  # under ZeRO-3: into partitions (zero.Init)
         model_label = config.model
     if "merged" in config.recipe.save and base is None:
         raise TrainConfigError(f"{config.source}: 'merged' needs the base model as a local dir; {config.model!r} "
@@ -360,29 +250,38 @@ def run_training(config: TrainConfig | str | Path, *, max_steps: int | None = No
 
     saver = QvlSaveCallback(config.recipe, base_path=base, final_dir=out)
     recorder = _Progress(progress)
+    extra = [_import(path, "callbacks")() for path in config.callbacks]
     trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=collator,
-                      callbacks=[saver, recorder])
+                      callbacks=[saver, recorder, *extra])
     trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    if zero3:  # training is over: later from_pretrained calls (verification) must not open zero.Init
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
     final = saver.final
     result = TrainResult(
         output_dir=out, recipe=config.recipe.name, model=model_label, base=base,
         adapter=final.adapter if final else None, pth=final.pth if final else None,
         merged=final.merged if final else None, losses=recorder.losses, steps=trainer.state.global_step,
-        train_seconds=seconds, trainable=sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        train_seconds=seconds,
+        trainable=sum(getattr(p, "ds_numel", p.numel()) for p in peft_model.parameters() if p.requires_grad),
         tensors=final.tensors if final else 0, world_size=args.world_size, is_main=rank == 0,
     )
     verify = config.embedded if config.verify is None else config.verify
     if rank == 0 and verify:
         batch = collator([dataset[i] for i in range(min(2, len(dataset)))])
-        if result.pth is not None:
+        # Under ZeRO-3 the trained model is partitioned (a forward on one rank would wait for the others):
+        # check against the saved adapter on a fresh copy of the base instead.
+        reference = _reload_adapter(base, result.adapter) if zero3 else peft_model
+        if reference is not None and result.pth is not None:
             dump = torch.load(result.pth, weights_only=True, mmap=True, map_location="cpu")
-            result.dump_unexpected = len(peft_model.load_state_dict(dump, strict=False).unexpected_keys)
-        if result.merged is not None:
-            result.max_abs_diff = _logit_diff(peft_model, result.merged, batch)
+            result.dump_unexpected = len(reference.load_state_dict(dump, strict=False).unexpected_keys)
+        if reference is not None and result.merged is not None:
+            result.max_abs_diff = _logit_diff(reference, result.merged, batch)
     if result.last_loss is not None and not math.isfinite(result.last_loss):
         raise QvlError(f"training diverged: last loss {result.last_loss}")
     return result

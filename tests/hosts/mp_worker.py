@@ -3,6 +3,7 @@
     python mp_worker.py single OUT          # one process, both samples of a step accumulated
     torchrun --nproc_per_node 2 mp_worker.py fsdp2,fsdp1 OUT   # FSDP2 (fully_shard) then FSDP1
                                                               # (use_orig_params) on CPU/gloo, into OUT/<mode>
+    torchrun --nproc_per_node 2 mp_worker.py ds-accelerate OUT  # accelerate + DeepSpeed ZeRO-3 plugin
 
 Every mode does the same math: per step, the mean of the two samples' losses (FSDP averages the ranks'
 gradients), SGD, the same tiny model from the same seed, LoRA dropout 0. It then calls
@@ -69,6 +70,9 @@ def main(mode: str, out: str) -> None:
         save_outputs(model, out_dir, ("pth", "adapter"))
         return
 
+    if mode == "ds-accelerate":
+        return ds_accelerate(out_dir)
+
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
@@ -98,6 +102,38 @@ def main(mode: str, out: str) -> None:
         (out_dir / one / f"local_shapes.{rank}.json").write_text(json.dumps(local))
         dist.barrier()
     dist.destroy_process_group()
+
+
+# gradient_clipping stated: accelerate's DeepSpeedPlugin otherwise fills in 1.0 (the 1-process loop has none)
+ZERO3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+         "gradient_clipping": 0.0,
+         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+def ds_accelerate(out_dir: Path) -> None:
+    """A plain accelerate loop with a DeepSpeed ZeRO-3 plugin; ``save_outputs`` on every rank."""
+    import deepspeed
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    from qvl_plugin.hosts.saving import save_outputs
+
+    deepspeed.init_distributed("gloo", auto_mpi_discovery=False)
+    model, batches = build()  # before the plugin exists: the direct constructor cannot run under zero.Init
+    rank = torch.distributed.get_rank()
+    acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=dict(ZERO3)))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    engine, opt = acc.prepare(model, opt)
+    for pair in batches:
+        loss = engine(**pair[rank]).loss
+        acc.backward(loss)
+        opt.step()
+        opt.zero_grad()
+    local = {n: list(p.shape) for n, p in engine.named_parameters() if p.requires_grad}
+    save_outputs(engine, out_dir / "ds-accelerate", ("pth", "adapter"))
+    (out_dir / "ds-accelerate" / f"local_shapes.{rank}.json").write_text(json.dumps(local))
+    torch.distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from qvl_plugin.errors import QvlError
-from qvl_plugin.hosts.runner import TrainConfigError, load_train_config
+from qvl_plugin.hosts.config import TrainConfigError, load_train_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_YAML = ROOT / "recipes" / "tiny-qwen2-vl.yaml"
@@ -21,15 +21,46 @@ def _keep_env(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+ACCELERATE_CONFIGS = ("accelerate-deepspeed.yaml",)  # launch configs for `accelerate launch`, not qvl-train files
+TRAIN_FILES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name not in ACCELERATE_CONFIGS)
+
+
+@pytest.mark.parametrize("path", TRAIN_FILES, ids=lambda p: p.name)
 def test_shipped_yaml_files_are_valid(path):
     config = load_train_config(path)
     assert config.recipe.name
-    assert config.embedded == (path.name == "tiny-qwen2-vl.yaml")
+    assert config.embedded == path.name.startswith("tiny-qwen2-vl")
+    if "zero3" in path.name:
+        assert config.deepspeed["zero_optimization"]["stage"] == 3
+
+
+@pytest.mark.parametrize("name", ACCELERATE_CONFIGS)
+def test_shipped_accelerate_config_loads(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ROOT / "recipes" / name))
+    assert cfg.distributed_type == "DEEPSPEED" and cfg.num_processes == 2
+
+
+def test_deepspeed_section_errors(tmp_path):
+    base = {"recipe": "qwen2-vl/lora"}
+    with pytest.raises(TrainConfigError, match="deepspeed 'nope.json': no such file"):
+        load_train_config({**base, "deepspeed": "nope.json"})
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(TrainConfigError, match="expected a JSON object"):
+        load_train_config({**base, "deepspeed": str(tmp_path / "bad.json")})
+    with pytest.raises(TrainConfigError, match="stage must be 0, 1, 2 or 3"):
+        load_train_config({**base, "deepspeed": {"zero_optimization": {"stage": 4}}})
+    with pytest.raises(TrainConfigError, match="use the top-level deepspeed"):
+        load_train_config({**base, "training_args": {"deepspeed": {}}})
+    with pytest.raises(TrainConfigError, match="callbacks: 'x' must look like"):
+        load_train_config({**base, "callbacks": ["x"]})
+    (tmp_path / "z.json").write_text('{"zero_optimization": {"stage": 2}}')
+    assert load_train_config({**base, "deepspeed": str(tmp_path / "z.json")}).deepspeed == {"zero_optimization": {"stage": 2}}
 
 
 def test_one_example_per_generation():
-    families = {load_train_config(p).recipe.family for p in (ROOT / "recipes").glob("*.yaml")}
+    families = {load_train_config(p).recipe.family for p in TRAIN_FILES}
     assert families == {"qwen-vl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"}
 
 
