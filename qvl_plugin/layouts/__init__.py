@@ -171,7 +171,9 @@ def get_layout(name: str) -> Layout:
 
 
 # Families with a precise identity; the "-family" layout is the fallback for keys that fit all of them.
-_SPECIFIC = ("qwen3-vl-moe", "qwen3-vl", "qwen2.5-vl", "qwen2-vl", "qwen-vl")
+# Key scoring keeps the first best: dense Qwen3-VL before MoE (which wins only with expert/router modules);
+# name hints test the longer MoE names first ("qwen3-vl" is a prefix of them).
+_SPECIFIC = ("qwen3-vl", "qwen3-vl-moe", "qwen2.5-vl", "qwen2-vl", "qwen-vl")
 
 
 def detect_layout(modules: Iterable[str] = (), config: Mapping | None = None, hint: str | None = None) -> Layout:
@@ -190,7 +192,7 @@ def detect_layout(modules: Iterable[str] = (), config: Mapping | None = None, hi
             return get_layout("qwen-vl")
     if hint:
         low = hint.lower()
-        for name in _SPECIFIC:
+        for name in sorted(_SPECIFIC, key=lambda n: n != "qwen3-vl-moe"):
             layout = get_layout(name)
             if any(h in low for h in layout.name_hints) or any(a.lower() in low for a in layout.architectures):
                 return layout
