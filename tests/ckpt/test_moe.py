@@ -147,3 +147,49 @@ def test_diff_by_effect_and_audit(moe_adapter, qwen3_vl_moe_base, tmp_path):
     assert any(g.group == "experts" for g in d.groups())
     findings = audit(adapter, base=qwen3_vl_moe_base.path)
     assert not [f for f in findings if f.severity == "error"], findings
+
+
+def test_extract_of_a_merged_moe_model_reloads_it(moe_adapter, qwen3_vl_moe_base, tmp_path):
+    """Changed experts come back as modules_to_save, the router's LoRA through target_parameters (it is
+    no Linear); the extracted adapter on the base reproduces the merged model."""
+    from qvl_plugin.ckpt.extract import extract
+
+    pm, adapter = moe_adapter
+    merge(adapter, qwen3_vl_moe_base.path, tmp_path / "merged")
+    extract(tmp_path / "merged", qwen3_vl_moe_base.path, tmp_path / "x")
+    import json
+
+    cfg = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == [f"model.language_model.layers.{i}.mlp.gate.weight" for i in (0, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(copy.deepcopy(qwen3_vl_moe_base.model), tmp_path / "x").eval()
+    assert (logits(loaded) - logits(_load(tmp_path / "merged"))).abs().max().item() < TOL
+
+
+def test_refusals_are_one_error_line(moe_adapter, qwen3_vl_moe_base, qwen3_vl_base, tmp_path):
+    """Bad input: one `error:` line, exit 1, nothing written."""
+    from click.testing import CliRunner
+
+    from qvl_plugin.cli import main
+
+    pm, adapter = moe_adapter
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
+    # an expert adapter on the dense Qwen3-VL: no expert tensors there
+    res = run("merge", adapter, "--base", qwen3_vl_base.path, "-o", tmp_path / "o1")
+    # a dump of only gate_up_proj LoRA without its config: which parameter is ambiguous
+    pm2, _ = make_adapter(qwen3_vl_moe_base.model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                              target_parameters=["mlp.experts.gate_up_proj"]))
+    dump = make_clean_dump(pm2, tmp_path / "one.pth")
+    res2 = run("merge", dump, "--base", qwen3_vl_moe_base.path, "--lora-alpha", 4, "-o", tmp_path / "o2")
+    for r, what in ((res, "no base tensor"), (res2, "adapter_config")):
+        assert r.exit_code == 1, r.output
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and what in lines[0], r.output
+        assert "Traceback" not in r.output
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # with the run's config the same dump merges and matches PEFT
+    cfg = tmp_path / "cfg"
+    pm2.save_pretrained(cfg)
+    assert run("merge", dump, "--base", qwen3_vl_moe_base.path, "--adapter-config", cfg / "adapter_config.json", "-o", tmp_path / "o3").exit_code == 0
+    assert (logits(_load(tmp_path / "o3")) - logits(pm2)).abs().max().item() < TOL
