@@ -132,7 +132,7 @@ def param_delta(
     a3 = a.reshape(num_experts, -1, a.shape[-1])[start:stop]
     b3 = b.reshape(b.shape[0], -1, num_experts)[:, :, start:stop]
     spec = "o r e, e r i -> e i o" if in_out else "o r e, e r i -> e o i"
-    return torch.einsum(spec, b3, a3) * scaling
+    return torch.einsum(spec, b3, a3).mul_(scaling)  # in place: the same bits as PEFT's "* scaling"
 
 
 def merge_param(weight: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:

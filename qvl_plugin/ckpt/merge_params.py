@@ -68,9 +68,10 @@ def stream_param(tp: TensorPlan, reader: TensorReader, factors: dict[str, torch.
         yield mm.merge_param(w, mm.param_delta(factors["a"], factors["b"], op.scaling, 1), tp.dtype)
         return
     step = chunk_experts or _experts_per_chunk(tp.shape)
+    buf = torch.empty(step * math.prod(tp.shape[1:]) * tp.source.dtype.itemsize, dtype=torch.uint8)  # reused reads
     for start in range(0, op.experts, step):
         stop = min(op.experts, start + step)
-        w = reader.rows(tp.source, start, stop)
+        w = reader.rows(tp.source, start, stop, buf)
         delta = mm.param_delta(factors["a"], factors["b"], op.scaling, op.experts, start=start, stop=stop, in_out=op.in_out)
         if op.transposed:
             delta = delta.transpose(1, 2)
