@@ -84,3 +84,8 @@ _FIXTURE = {("qwen2-vl", False): "qwen2_vl_base", ("qwen2-vl", True): "qwen2_vl_
 def get_base(request):
     """``get_base(family, tied=False) -> Base``: the cached session base for any family (for parametrized tests)."""
     return lambda family, tied=False: request.getfixturevalue(_FIXTURE[(family, tied)])
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_moe_base(tmp_path_factory) -> Base:
+    return _base(tmp_path_factory, "qwen3-vl-moe")

@@ -29,6 +29,9 @@ from transformers import PretrainedConfig
 __all__ = [
     "FAMILIES",
     "ALL_FAMILIES",
+    "MOE_FAMILY",
+    "MOE_EXPERTS",
+    "hub_layout_base",
     "VOCAB",
     "Base",
     "tiny_config",
@@ -53,6 +56,10 @@ __all__ = [
 
 FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")  # transformers classes
 ALL_FAMILIES = FAMILIES + ("qwen-vl",)  # + the v1 module tree
+# Qwen3-VL-MoE: 4 experts of moe_intermediate 24 (gate_up (4, 48, 64), down (4, 64, 24): no square shape, so
+# a transposed tensor cannot pass for the right one). Not in FAMILIES: the dense-model catalogue stays as is.
+MOE_FAMILY = "qwen3-vl-moe"
+MOE_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 VOCAB = 256
 _IDS = dict(image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253)
 
@@ -91,7 +98,15 @@ def tiny_config(family: str, tied: bool = False):
         vision = dict(depth=2, hidden_size=32, out_hidden_size=64, num_heads=4, intermediate_size=64, patch_size=16,
                       spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[1])
         return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied, **_IDS)
-    raise ValueError(f"unknown family {family!r} (one of {FAMILIES}; 'qwen-vl' has no transformers config)")
+    if family == MOE_FAMILY:
+        from transformers import Qwen3VLMoeConfig
+
+        text.update(head_dim=16, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[])
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, num_heads=4, intermediate_size=64, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[1])
+        return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied, **_IDS)
+    raise ValueError(f"unknown family {family!r} (one of {FAMILIES + (MOE_FAMILY,)}; 'qwen-vl' has no transformers config)")
 
 
 def _perturb(model: nn.Module, seed: int, std: float = 0.02) -> None:
@@ -146,6 +161,17 @@ def save_base(model: nn.Module, path: str | Path, dtype: torch.dtype | None = No
         sd.setdefault("lm_head.weight", emb.clone())
         save_file(sd, str(f), metadata={"format": "pt"})
     return path
+
+
+def hub_layout_base(path: str | Path) -> Path:
+    """Rewrite a saved Qwen3-VL-MoE dir to the hub files' expert layout: ``(E, in, out)``, the transpose of
+    memory, as the published Qwen3-VL-30B-A3B / 235B-A22B files store them (transformers 5 saves memory
+    layout and transposes hub files on load)."""
+    f = Path(path) / "model.safetensors"
+    sd = load_file(str(f))
+    sd = {k: (v.transpose(1, 2).contiguous() if k.endswith(tuple(MOE_EXPERTS)) else v) for k, v in sd.items()}
+    save_file(sd, str(f), metadata={"format": "pt"})
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from .findings import few as _few
 from .findings import finding as _finding
 from .keys import PEFT_PREFIX
 from .safety import read_json
+from .param_targets import param_shape_problem
 from .view import Checkpoint, Entry, Finding, Role
 
 __all__ = ["BaseFacts", "header_checks"]
@@ -182,6 +183,8 @@ def _shape_problem(e: Entry, want: tuple[int, ...], pair: LoraPair | None, emb: 
         if e.module in (layout.embedding, layout.head) and len(e.shape) == 2 and len(want) == 2 and e.shape[1] == want[1]:
             return f"resized vocabulary {e.shape[0]} rows, the base has {want[0]}"
         return f"shape {list(e.shape)}, base {list(want)}"
+    if pair is not None and pair.a is not None and pair.b is not None and pair.a.param_wrapper:
+        return param_shape_problem(pair.a.shape, pair.b.shape, want)
     if pair is not None:
         eff = pair.effect_shape
         if eff is None:

@@ -58,9 +58,14 @@ def _tokens_suffix(e: Entry, settings: AdapterSettings | None) -> str:
     return "trainable_tokens_delta" if plain else "token_adapter.trainable_tokens_delta"
 
 
+def _nested(e: Entry) -> str:
+    """A target_parameters LoRA lives on a (possibly nested) ParamWrapper: ``module(.base_layer)*depth``."""
+    return e.module + ".base_layer" * (e.wrapper_depth or 0)
+
+
 def peft_key(e: Entry, settings: AdapterSettings | None = None) -> str:
     """The saved PEFT key of an entry (``save_pretrained`` naming, in-memory module path)."""
-    m = e.module
+    m = _nested(e)
     if e.role in (Role.FULL, Role.BIAS):
         return f"{PEFT_PREFIX}{m}.base_layer.{e.param}" if _via_base_layer(e) else f"{PEFT_PREFIX}{m}.{e.param}"
     if e.role is Role.TOKEN_ROWS:
@@ -70,7 +75,7 @@ def peft_key(e: Entry, settings: AdapterSettings | None = None) -> str:
 
 def memory_key(e: Entry, settings: AdapterSettings | None = None, lora_modules: frozenset[str] = frozenset(), adapter: str = ADAPTER_NAME) -> str:
     """The key of an entry in ``get_peft_model(base, config).state_dict()`` (in-memory naming)."""
-    m = e.module
+    m = _nested(e)
     if e.role is Role.FULL:
         if _via_base_layer(e) or m in lora_modules:
             return f"{PEFT_PREFIX}{m}.base_layer.{e.param}"
@@ -84,6 +89,27 @@ def memory_key(e: Entry, settings: AdapterSettings | None = None, lora_modules: 
 
 def _pattern(module: str) -> str:
     return re.escape(module)
+
+
+def _wrapped_ranks(wrapped: list[Entry], base: str | Path | None) -> dict[str, int]:
+    """True ranks of target_parameters LoRA (``lora_A`` has r·E rows): E from the base's config.json."""
+    if not wrapped:
+        return {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    if base is not None and Path(base).exists():
+        with open_checkpoint(base) as b:
+            shapes = {x.target: x.shape for x in b.entries}
+    out = {}
+    for e in wrapped:
+        shape = shapes.get(e.target)
+        n = 1 if shape is not None and len(shape) == 2 else shape[0] if shape is not None else None
+        if n is None or e.shape[0] % n:
+            raise AdapterConfigError(
+                f"{e.key}: a target_parameters LoRA on a 3-D (expert) parameter holds r·E rows; pass --base or "
+                "--adapter-config to tell the rank"
+            )
+        out[e.target] = e.shape[0] // n
+    return out
 
 
 def infer_adapter_config(ckpt: Checkpoint, base: str | Path | None = None) -> dict:
@@ -108,9 +134,11 @@ def infer_adapter_config(ckpt: Checkpoint, base: str | Path | None = None) -> di
         if s.lora_alpha is not None:
             cfg["lora_alpha"] = s.lora_alpha if not float(s.lora_alpha).is_integer() else int(s.lora_alpha)
     else:
-        ranks = {e.module: e.shape[0] for e in lora}
+        wrapped = [e for e in lora if e.param_wrapper]
+        ranks = {e.module: e.shape[0] for e in lora if not e.param_wrapper}
+        ranks.update(_wrapped_ranks(wrapped, base))
         common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
-        lora_modules = {e.module for e in entries if e.role in _LORA}
+        lora_modules = {e.module for e in entries if e.role in _LORA and not e.param_wrapper}
         full = sorted({e.module for e in entries if e.role is Role.FULL and not _via_base_layer(e) and e.module not in lora_modules})
         bias = [e for e in entries if e.role is Role.BIAS]
         alpha = s.lora_alpha if s is not None and s.lora_alpha is not None else 8
@@ -120,6 +148,7 @@ def infer_adapter_config(ckpt: Checkpoint, base: str | Path | None = None) -> di
             "r": common,
             "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
             "target_modules": sorted(lora_modules),
+            "target_parameters": sorted({e.target for e in wrapped}) or None,
             "rank_pattern": {_pattern(m): r for m, r in sorted(ranks.items()) if r != common},
             "alpha_pattern": {},
             "modules_to_save": full or None,

@@ -18,7 +18,8 @@ import torch
 
 from ..errors import UsageError
 from .diff_report import DiffReport, GroupDiff, TensorDiff, sort_key
-from .effect import LoraPair, effective_weight, lora_effect_stats, lora_pairs, tensor_stats
+from .effect import LoraPair, effective_weight, expert_effect_stats, lora_effect_stats, lora_pairs, tensor_stats
+from .param_targets import wrapper_rank
 from .formats import detect_format
 from .view import Checkpoint, Entry, Role, open_checkpoint
 
@@ -36,6 +37,7 @@ class _Item:
     pair: LoraPair | None = None
     scaling: float | None = None
     indices: list[int] | None = None
+    experts: int | None = None  # target_parameters LoRA on a 3-D parameter: compared expert by expert
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -43,6 +45,8 @@ class _Item:
 
     @property
     def shape(self) -> tuple[int, ...] | None:
+        if self.pair is not None and self.experts:
+            return (self.experts, self.pair.b.shape[0], self.pair.a.shape[1])
         if self.pair is not None:
             return self.pair.effect_shape
         return self.entries[0].shape
@@ -88,7 +92,12 @@ def _items(ckpt: Checkpoint, scaling: _Scaling) -> dict[tuple[str, str], _Item]:
     pairs = lora_pairs(ckpt.entries)
     lora_modules = {p.module for p in pairs.values()}
     for target, pair in pairs.items():
-        if pair.a is not None and pair.b is not None:
+        if pair.a is not None and pair.b is not None and pair.a.param_wrapper:
+            key = f"{pair.source_module}.{pair.a.param}"
+            re_ = wrapper_rank(scaling.settings or ckpt.adapter, key, pair.a.shape[0])
+            rank, experts = re_ if re_ else (None, None)
+            items[(target, "lora")] = _Item(target, "lora", pair.module, (pair.a, pair.b), pair, scaling(key, rank), experts=experts)
+        elif pair.a is not None and pair.b is not None:
             items[(target, "lora")] = _Item(target, "lora", pair.module, (pair.a, pair.b), pair, scaling(pair.source_module, pair.rank))
         else:
             e = pair.a or pair.b
@@ -142,9 +151,14 @@ def _compare_items(x: _Item, y: _Item, atol: float, group: str, layer: int | Non
         ra, rb = x.pair.rank, y.pair.rank
         if ra != rb:
             note = f"rank {ra} -> {rb}"
-        max_abs, diff, norm_b = lora_effect_stats(
-            x.pair.a.load(), x.pair.b.load(), x.scaling or 1.0, y.pair.a.load(), y.pair.b.load(), y.scaling or 1.0, atol=atol
-        )
+        if x.experts or y.experts:
+            max_abs, diff, norm_b = expert_effect_stats(
+                x.pair.a.load(), x.pair.b.load(), x.scaling or 1.0, y.pair.a.load(), y.pair.b.load(), y.scaling or 1.0,
+                x.experts or y.experts, atol=atol)
+        else:
+            max_abs, diff, norm_b = lora_effect_stats(
+                x.pair.a.load(), x.pair.b.load(), x.scaling or 1.0, y.pair.a.load(), y.pair.b.load(), y.scaling or 1.0, atol=atol
+            )
     else:
         if x.kind == "token_rows" and x.indices != y.indices:
             note = f"token indices {x.indices} -> {y.indices}"

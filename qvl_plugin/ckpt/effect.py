@@ -17,7 +17,7 @@ from . import merge_math as mm
 from .pairs import LoraPair, lora_pairs
 from .view import Entry, Role
 
-__all__ = ["LoraPair", "lora_pairs", "tensor_stats", "lora_effect_stats", "effective_weight"]  # pairs re-exported
+__all__ = ["LoraPair", "lora_pairs", "tensor_stats", "lora_effect_stats", "expert_effect_stats", "effective_weight"]  # pairs re-exported
 
 _CHUNK = 1 << 22  # elements per chunk of a streamed comparison (32 MB as float64)
 
@@ -93,6 +93,22 @@ def lora_effect_stats(
 
 
 
+def expert_effect_stats(a1, b1, s1, a2, b2, s2, experts: int, *, atol: float = 0.0) -> tuple[float | None, float, float]:
+    """:func:`lora_effect_stats` for a target_parameters LoRA on fused experts: ``lora_A (r·E, in)`` and
+    ``lora_B (out, r·E)`` are E separate pairs (PEFT's reshape); stats are combined over the experts."""
+    if a1.shape != a2.shape or b1.shape != b2.shape:
+        raise ValueError("expert LoRA effects of different ranks are not compared")
+    a1, a2 = a1.reshape(experts, -1, a1.shape[-1]), a2.reshape(experts, -1, a2.shape[-1])
+    b1, b2 = b1.reshape(b1.shape[0], -1, experts), b2.reshape(b2.shape[0], -1, experts)
+    max_abs: float | None = 0.0
+    d2 = n2 = 0.0
+    for e in range(experts):
+        m, d, n = lora_effect_stats(a1[e], b1[:, :, e], s1, a2[e], b2[:, :, e], s2, atol=atol, need_max=True)
+        max_abs = None if m is None or max_abs is None else max(max_abs, m)
+        d2, n2 = d2 + d * d, n2 + n * n
+    return max_abs, math.sqrt(d2), math.sqrt(n2)
+
+
 def effective_weight(
     base: torch.Tensor | None,
     entries: list[Entry],
@@ -114,6 +130,8 @@ def effective_weight(
     b = by_role.get(Role.LORA_B) or by_role.get(Role.EMB_B)
     if a is not None and b is not None:
         fa, fb = a.load(), b.load()
+        if a.param_wrapper:
+            return _param_effective(w, fa, fb, a, scaling, out_dtype)
         s = scaling(a.source_module, fa.shape[0])
         if a.role is Role.EMB_A:
             kind, fifo = "embedding", False
@@ -139,3 +157,17 @@ def effective_weight(
             raise CheckpointError(f"{rows.key}: trainable-token rows without trainable_token_indices (pass --adapter-config)")
         w = mm.replace_rows(w, ids, rows.load(), out_dtype=out_dtype)
     return w.to(out_dtype)
+
+
+def _param_effective(w, fa, fb, a: Entry, scaling, out_dtype) -> torch.Tensor:
+    """A target_parameters LoRA applied as PEFT's ParamWrapper merge does (experts, or a 2-D weight)."""
+    experts = w.shape[0] if w.dim() == 3 else 1
+    if fa.shape[0] % experts:
+        raise CheckpointError(f"{a.target}: lora_A {list(fa.shape)} does not split over {experts} experts")
+    delta = mm.param_delta(fa, fb, scaling(f"{a.source_module}.{a.param}", fa.shape[0] // experts), experts)
+    if tuple(delta.shape) != tuple(w.shape):
+        if w.dim() == 3 and tuple(delta.shape) == (w.shape[0], w.shape[2], w.shape[1]):
+            delta = delta.transpose(1, 2)  # a hub-layout file: (E, in, out)
+        else:
+            raise CheckpointError(f"{a.target}: LoRA factors {list(fa.shape)}, {list(fb.shape)} do not fit a tensor {list(w.shape)}")
+    return mm.merge_param(w, delta, out_dtype).to(out_dtype)

@@ -211,7 +211,8 @@ def _one_module(module, params, names, values, bases, mt, specials, mc, rank, en
             b = b.reshape(b.shape + (1,) * (len(shape) - 2)).contiguous()
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
-        lora_modules[module] = a.shape[0]
+        # a raw-parameter module (the MoE router) is no Linear: PEFT reaches it through target_parameters
+        lora_modules[f"{module}.weight" if mc.layout.module_parameters(module) else module] = a.shape[0]
         modules.append(ModuleError(module, "lora", a.shape[0], err, math.prod(mt[w_t].shape)))
         if "bias" in params:
             tensors[f"{PEFT_PREFIX}{module}.base_layer.bias"] = values[f"{module}.bias"].contiguous()
@@ -248,7 +249,9 @@ def _adapter_config(lora_modules: dict[str, int], full_modules: set[str], module
         "alpha_pattern": dict(others),
         "use_rslora": False,
         "use_dora": False,
-        "target_modules": sorted(lora_modules) or DUMMY_TARGET_MODULES,  # PEFT's marker for a modules_to_save-only adapter
+        "target_modules": sorted(m for m in lora_modules if not m.endswith(".weight")) or (
+            [] if lora_modules else DUMMY_TARGET_MODULES),  # PEFT's marker for a modules_to_save-only adapter
+        "target_parameters": sorted(m for m in lora_modules if m.endswith(".weight")) or None,
         "modules_to_save": sorted(full_modules) or None,
         "bias": "all" if bias_modules - set(lora_modules) else "lora_only" if bias_modules else "none",
         "lora_bias": False,

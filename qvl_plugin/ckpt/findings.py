@@ -26,6 +26,7 @@ CODES: dict[str, str] = {
     "noop-lora": "warning",
     "legacy-layout": "info",
     "vllm-incompatible": "info",
+    "ambiguous-parameter-lora": "error",
 }
 SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
 _MAX_KEYS = 50

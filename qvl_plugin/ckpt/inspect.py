@@ -6,9 +6,17 @@ from collections import Counter
 from typing import Any
 
 from ..layouts import GROUPS
+from .param_targets import wrapper_rank
 from .view import Checkpoint, Role
 
 __all__ = ["summarize", "lora_summary"]
+
+
+def _config_experts(ckpt: Checkpoint) -> int | None:
+    cfg = ckpt.config or {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    n = text.get("num_experts") if isinstance(text, dict) else None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def lora_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
@@ -16,8 +24,18 @@ def lora_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
     ranks: dict[str, int] = {}
     source: dict[str, str] = {}
     has_dora = False
+    params: dict[str, str] = {}  # target_parameters LoRA: canonical target -> "module.param" as PEFT names it
+    experts: set[int] = set()
     for e in ckpt.entries:
-        if e.role in (Role.LORA_A, Role.EMB_A) and e.numel:  # empty (ZeRO-3) tensors carry no rank
+        if e.role in (Role.LORA_A, Role.EMB_A) and e.numel and e.param_wrapper:
+            # lora_A holds r·E rows (one r-block per expert): the rank is r, not the row count
+            key = f"{e.source_module}.{e.param}"
+            re_ = wrapper_rank(ckpt.adapter, key, e.shape[0], _config_experts(ckpt))
+            ranks[e.target] = re_[0] if re_ else e.shape[0]
+            source[e.target], params[e.target] = key, e.param
+            if re_ and re_[1] > 1:
+                experts.add(re_[1])
+        elif e.role in (Role.LORA_A, Role.EMB_A) and e.numel:  # empty (ZeRO-3) tensors carry no rank
             ranks[e.module] = e.shape[0]
             source[e.module] = e.source_module
         has_dora |= e.role is Role.MAGNITUDE
@@ -36,7 +54,9 @@ def lora_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
         "rank": rank,
         "alpha": alpha,
         "scaling": scaling,
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks if m not in params}),
+        "target_parameters": sorted({".".join(t.split(".")[-3:]) for t in params}),
+        "num_experts": (experts.pop() if len(experts) == 1 else sorted(experts)) if experts else None,
         "num_targeted": len(ranks),
         "use_dora": has_dora or bool(a and a.use_dora),
         "use_rslora": bool(a and a.use_rslora),

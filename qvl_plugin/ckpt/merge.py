@@ -24,6 +24,7 @@ import torch
 from ..errors import CheckpointError
 from . import merge_math as mm
 from .merge_ops import MergeError, MergePlan, TensorPlan, delta_bound, parse_dtype
+from .merge_params import stream_param
 from .merge_plan import open_adapter, open_base, plan_merge
 from .reader import CHUNK_ELEMENTS, TensorReader
 from .outputs import check_output, support_files
@@ -104,6 +105,13 @@ def _execute(plan: MergePlan, w: CheckpointWriter, clock: _Clock, progress: Call
         plain = tp.lora is None and tp.bias_lora is None and rows is None
         if plain and src.dtype == tp.dtype and loc is not None:
             clock.run("copy", w.copy_range, tp.name, loc[0], loc[1], src.nbytes)
+        elif tp.lora is not None and tp.lora.kind == "param":  # target_parameters: slices of experts
+            factors = clock.run("read", tp.lora.load, ar)
+            w.begin(tp.name)
+            for chunk in stream_param(tp, reader, factors):
+                _finite_or_fail(tp, chunk)
+                clock.run("write", w.write_chunk, chunk)
+            w.end()
         elif len(tp.shape) >= 2 and tp.bias_lora is None and (tp.lora is None or mm.streams_by_rows(tp.lora.kind, tp.lora.fan_in_fan_out, tp.lora.dora)):
             factors = clock.run("read", tp.lora.load, ar) if tp.lora is not None else None
             w.begin(tp.name)

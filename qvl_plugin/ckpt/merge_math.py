@@ -11,6 +11,9 @@ Kinds of layer, decided by the caller from the entries and the base shape:
 * ``linear``    nn.Linear ``W (out, in)``, or transformers ``Conv1D`` ``W (in, out)`` with ``fan_in_fan_out``
 * ``embedding`` nn.Embedding ``W (vocab, dim)`` with ``lora_embedding_A (r, vocab)``, ``lora_embedding_B (dim, r)``
 * ``conv``      Conv1d/2d/3d (groups=1) with ``lora_A (r, in, *k)``, ``lora_B (out, r, 1, ...)``
+* ``param``     a raw parameter (PEFT ``target_parameters``, ``lora.ParamWrapper``): fused MoE experts
+  ``W (E, out, in)`` with ``lora_A (r·E, in)``, ``lora_B (out, r·E)``, or a 2-D weight (the router). PEFT
+  rounds this delta to the weight dtype before adding it, like the embedding's.
 
 Row-chunked variants (:func:`lora_rows`) let the merge stream a large tensor through a small buffer; a
 chunk of at least :data:`MIN_CHUNK_ROWS` rows gives the same bits as the whole matrix product.
@@ -37,11 +40,13 @@ __all__ = [
     "merge_lora_bias",
     "replace_rows",
     "lora_rows",
+    "param_delta",
+    "merge_param",
     "row_spans",
     "streams_by_rows",
 ]
 
-Kind = Literal["linear", "embedding", "conv"]
+Kind = Literal["linear", "embedding", "conv", "param"]
 
 # Matrix products over at least this many rows use the same BLAS kernel as the whole product (measured:
 # single rows fall back to gemv and round differently). Chunk boundaries never leave fewer rows than this.
@@ -103,6 +108,42 @@ def conv_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, weigh
     return conv_fn(a.transpose(0, 1), b).transpose(0, 1) * scaling
 
 
+def param_delta(
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    num_experts: int,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    in_out: bool = False,
+) -> torch.Tensor:
+    """ParamWrapper: the fp32 delta of experts ``start:stop`` (PEFT ``ParamWrapper.get_delta_weight``).
+
+    ``lora_A (r·E, in)`` is split expert-major (row ``e·r + k``), ``lora_B (out, r·E)`` rank-major (column
+    ``k·E + e``), exactly as PEFT reshapes them. Result ``(stop-start, out, in)``, or ``(.., in, out)`` with
+    ``in_out`` (a module PEFT sees as ``is_transposed``). ``num_experts == 1``: a 2-D weight, ``B @ A * s``.
+    Each expert's product is independent, so a slice of experts has the same bits as the whole.
+    """
+    a, b = _f32(lora_a), _f32(lora_b)
+    if num_experts == 1:
+        return (b @ a) * scaling
+    stop = num_experts if stop is None else stop
+    a3 = a.reshape(num_experts, -1, a.shape[-1])[start:stop]
+    b3 = b.reshape(b.shape[0], -1, num_experts)[:, :, start:stop]
+    spec = "o r e, e r i -> e i o" if in_out else "o r e, e r i -> e o i"
+    return torch.einsum(spec, b3, a3).mul_(scaling)  # in place: the same bits as PEFT's "* scaling"
+
+
+def merge_param(weight: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``W + ΔW`` as PEFT's ParamWrapper merges: ``param.data += delta.to(param.dtype)`` (delta rounded first
+    unless fp32). ``delta`` is in W's orientation (transpose it first for a hub-layout file)."""
+    out_dtype = out_dtype or weight.dtype
+    if out_dtype != torch.float32:
+        return delta.to(out_dtype).add_(weight.to(out_dtype))
+    return delta.add(_f32(weight)) if not delta.is_contiguous() else delta.add_(_f32(weight))
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN/Inf. ``aminmax`` propagates both and is ~15x faster than ``isfinite().all()`` on bf16."""
     if t.numel() == 0 or not (t.dtype.is_floating_point or t.is_complex()):
@@ -128,6 +169,8 @@ def delta_weight(
         return embedding_delta(lora_a, lora_b, scaling)
     if kind == "conv":
         return conv_delta(lora_a, lora_b, scaling, weight_shape)
+    if kind == "param":
+        return param_delta(lora_a, lora_b, scaling, weight_shape[0] if len(weight_shape) == 3 else 1)
     raise ValueError(f"unknown layer kind {kind!r}")
 
 

@@ -51,6 +51,9 @@ class LoraOp:
     rank: int
     fan_in_fan_out: bool = False
     magnitude: Entry | None = None
+    experts: int = 0          # kind "param": experts of a 3-D parameter (1: a 2-D one)
+    transposed: bool = False  # kind "param": the file holds (E, in, out), the transpose of memory
+    in_out: bool = False      # kind "param": the module itself stores (E, in, out) (PEFT's is_transposed)
 
     @property
     def dora(self) -> bool:

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import AdapterConfigError, UsageError
 from . import merge_math as mm
+from .merge_params import plan_param_lora
 from .merge_ops import DTYPE_CONFIG_NAMES, BiasOp, LoraOp, MergeError, MergePlan, TensorPlan, parse_dtype
 from .reader import TensorReader, all_finite_rows, equal_rows
 from .view import Checkpoint, Entry, Role, open_checkpoint
@@ -57,8 +58,6 @@ def _refuse_settings(ckpt: Checkpoint) -> None:
         )
     if a.layer_replication:
         raise AdapterConfigError("layer_replication changes the model's layer structure; merging it is not supported")
-    if a.raw.get("target_parameters"):
-        raise AdapterConfigError("target_parameters (LoRA on raw parameters, e.g. MoE experts) is not supported")
 
 
 def _embed_head_targets(base: Checkpoint, targets: dict[str, Entry]) -> tuple[str | None, str | None]:
@@ -197,13 +196,13 @@ def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check
                 else:
                     ops.setdefault(e.target, _Ops()).rows = (e, tuple(idx))
             else:
-                roles = modules.setdefault(e.module, {})
+                roles = modules.setdefault(e.target if e.param_wrapper else e.module, {})
                 if e.role in roles:
                     problems.append((e.key, f"a second {e.role.value} for module {e.module!r}"))
                 roles[e.role] = e
 
         for module, roles in modules.items():
-            _plan_lora(module, roles, settings, base_entry, ops, problems, value, ad.format)
+            _plan_lora(module, roles, settings, base_entry, ops, problems, value, ad.format, base.layout)
 
         if problems:
             raise MergeError(
@@ -262,7 +261,7 @@ def _vocab_hint(e: Entry, want: Entry, emb_t: str | None, head_t: str | None) ->
     return ""
 
 
-def _plan_lora(module, roles, settings, base_entry, ops, problems, value, fmt) -> None:
+def _plan_lora(module, roles, settings, base_entry, ops, problems, value, fmt, layout) -> None:
     a = roles.get(Role.LORA_A) or roles.get(Role.EMB_A)
     b = roles.get(Role.LORA_B) or roles.get(Role.EMB_B)
     mag, bias_b = roles.get(Role.MAGNITUDE), roles.get(Role.LORA_BIAS)
@@ -280,7 +279,7 @@ def _plan_lora(module, roles, settings, base_entry, ops, problems, value, fmt) -
     if w is None:
         return  # already reported
     rank = a.shape[0]
-    if b.shape[1] != rank:
+    if b.shape[1] != rank and not a.param_wrapper:
         problems.append((b.key, f"rank {b.shape[1]} but lora_A has rank {rank}"))
         return
     if settings is None or settings.alpha_for(a.source_module) is None:
@@ -292,6 +291,13 @@ def _plan_lora(module, roles, settings, base_entry, ops, problems, value, fmt) -
             settings.lora_alpha = 8.0  # PEFT's own default when the config omits it
         else:
             raise AdapterConfigError(alpha_hint)
+    if a.param_wrapper or b.param_wrapper:
+        op = plan_param_lora(a, b, w, settings, layout)
+        if isinstance(op, str):
+            problems.append((a.key, op))
+        else:
+            ops.setdefault(target, _Ops()).lora = op
+        return
     scaling = settings.scaling(a.source_module, rank)
     fifo = False
     if a.role is Role.EMB_A:

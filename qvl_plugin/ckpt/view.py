@@ -20,6 +20,7 @@ from .adapter_config import AdapterSettings, load_adapter_config
 from .dtypes import itemsize, torch_dtype
 from .formats import RawCheckpoint, RawTensor, detect_format, read_raw
 from .keys import LORA_ROLES, PEFT_PREFIX, REPLACE_ROLES, ParsedKey, Role, parse_key
+from .param_targets import resolve_wrapped
 from .safety import read_json
 
 if TYPE_CHECKING:
@@ -54,6 +55,12 @@ class Entry:
     _load: Callable[[], "torch.Tensor"] = field(repr=False, compare=False)
     location: tuple[Path, int] | None = field(default=None, repr=False, compare=False)
     """(file, byte offset) of the raw data when stored in safetensors: lets writers read rows or copy bytes."""
+    wrapper_depth: int | None = None
+    """A ``target_parameters`` LoRA factor (PEFT ParamWrapper): its nesting depth (0 = outermost), else None."""
+
+    @property
+    def param_wrapper(self) -> bool:
+        return self.wrapper_depth is not None
 
     @property
     def target(self) -> str:
@@ -278,21 +285,28 @@ def _build(raw: RawCheckpoint, adapter_config, lora_alpha, layout) -> Checkpoint
     if layout is None:
         layout = detect_layout((p.module for _, p in parsed), config=cfg, hint=hint)
 
-    entries = [
-        Entry(
-            key=t.key,
-            module=layout.canonical(p.module),
-            param=p.param,
-            role=p.role,
-            shape=t.shape,
-            dtype_name=t.dtype_name,
-            nbytes=_nbytes(t.shape, t.dtype_name),
-            source_module=p.module,
-            _load=t.load,
-            location=t.location,
+    wrapped, wrap_problems = resolve_wrapped([p for _, p in parsed], adapter, layout) if is_adapter else ({}, [])
+    if wrap_problems:
+        findings.append(Finding("ambiguous-parameter-lora", "error", "; ".join(wrap_problems[:3]), ()))
+    entries = []
+    for i, (t, p) in enumerate(parsed):
+        w = wrapped.get(i)
+        module, param = (w.module, w.param) if w is not None else (p.module, p.param)
+        entries.append(
+            Entry(
+                key=t.key,
+                module=layout.canonical(module),
+                param=param,
+                role=p.role,
+                shape=t.shape,
+                dtype_name=t.dtype_name,
+                nbytes=_nbytes(t.shape, t.dtype_name),
+                source_module=module,
+                _load=t.load,
+                location=t.location,
+                wrapper_depth=w.depth if w is not None else None,
+            )
         )
-        for t, p in parsed
-    ]
 
     bad = [e.key for e in entries if e.numel and not _plausible_ndim(e)]
     if bad:

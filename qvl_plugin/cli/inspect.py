@@ -50,8 +50,12 @@ def _render(info: dict) -> None:
         flags = [f for f, on in (("DoRA", lora["use_dora"]), ("rsLoRA", lora["use_rslora"])) if on]
         console.print(
             f"LoRA: r={rank} alpha={lora['alpha'] if lora['alpha'] is not None else 'unknown'} scaling={scaling if scaling is not None else 'unknown'} "
-            f"on {lora['num_targeted']} modules ({escape(', '.join(lora['target_modules']))})" + (f" [{', '.join(flags)}]" if flags else "")
+            f"on {lora['num_targeted']} {'modules/parameters' if lora.get('target_parameters') else 'modules'} ({escape(', '.join(lora['target_modules'] + lora.get('target_parameters', [])))})"
+            + (f" [{', '.join(flags)}]" if flags else "")
         )
+        if lora.get("target_parameters"):
+            experts = f", {lora['num_experts']} experts (lora_A holds r·E rows)" if lora.get("num_experts") else ""
+            console.print(f"target_parameters (PEFT ParamWrapper): {escape(', '.join(lora['target_parameters']))}{experts}")
     if info["modules_to_save"]:
         console.print("modules_to_save: " + escape(", ".join(info["modules_to_save"])))
     if info["trainable_token_indices"]:

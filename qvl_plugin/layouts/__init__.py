@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 
 __all__ = ["Layout", "GROUPS", "all_layouts", "get_layout", "detect_layout", "GENERIC"]
 
-GROUPS = ("embedding", "head", "language", "vision", "merger", "other")
+GROUPS = ("embedding", "head", "language", "experts", "router", "vision", "merger", "other")
 
 
 def _transformers_renames(class_name: str | None) -> list[tuple[str, str]] | None:
@@ -44,6 +44,26 @@ def _transformers_renames(class_name: str | None) -> list[tuple[str, str]] | Non
     return renames or None
 
 
+def _transformers_transposes(model_type: str | None) -> list[str] | None:
+    """Parameters whose hub files may hold the transpose of the in-memory tensor (dims 1 and 2), from
+    transformers' own conversion mapping (``Transpose(1, 2, check_dims=True)``: transposed on load only
+    when the file's shape differs from the model's)."""
+    if not model_type or "transformers" not in sys.modules:
+        return None
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return None
+    out = []
+    for rule in get_checkpoint_conversion_mapping(model_type) or []:
+        ops = getattr(rule, "operations", None) or []
+        dst = getattr(rule, "target_patterns", None) or []
+        if len(ops) == 1 and type(ops[0]).__name__ == "Transpose" and len(dst) == 1:
+            if (ops[0].dim0, ops[0].dim1) in ((1, 2), (2, 1)) and getattr(ops[0], "check_dims", False):
+                out.append(dst[0])
+    return out or None
+
+
 @dataclass(frozen=True)
 class Layout:
     """What qvl_plugin knows about one model family."""
@@ -59,6 +79,10 @@ class Layout:
     embedding: str | None = None
     head: str | None = None
     groups: tuple[tuple[str, str], ...] = ()
+    transposed_on_disk: tuple[str, ...] = ()
+    """Parameter suffixes (``mlp.experts.gate_up_proj``) stored (E, in, out) in hub files, (E, out, in) in memory."""
+    parameter_modules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Module suffix -> its parameters in registration order: the nesting order of PEFT's ParamWrappers."""
     _compiled: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -76,6 +100,8 @@ class Layout:
             embedding=d.get("embedding"),
             head=d.get("head"),
             groups=tuple(tuple(x) for x in d.get("groups", ())),
+            transposed_on_disk=tuple(_transformers_transposes(d.get("transformers_converters")) or d.get("transposed_on_disk", ())),
+            parameter_modules=tuple((k, tuple(v)) for k, v in (d.get("parameter_modules") or {}).items()),
         )
 
     def _re(self, pattern: str) -> re.Pattern:
@@ -104,6 +130,17 @@ class Layout:
             if self._re(pattern).search(module):
                 return group
         return "other"
+
+    def disk_transposable(self, target: str) -> bool:
+        """Can the base file hold this 3-D tensor transposed (dims 1, 2) against memory?"""
+        return any(target == t or target.endswith("." + t) for t in self.transposed_on_disk)
+
+    def module_parameters(self, module: str) -> tuple[str, ...] | None:
+        """The parameters of a raw-parameter module (fused experts, router), registration order."""
+        for suffix, params in self.parameter_modules:
+            if module == suffix or module.endswith("." + suffix):
+                return params
+        return None
 
     def layer_index(self, module: str) -> int | None:
         m = re.search(r"\.(?:layers|h|blocks|resblocks)\.(\d+)(\.|$)", module)
@@ -134,7 +171,9 @@ def get_layout(name: str) -> Layout:
 
 
 # Families with a precise identity; the "-family" layout is the fallback for keys that fit all of them.
-_SPECIFIC = ("qwen3-vl", "qwen2.5-vl", "qwen2-vl", "qwen-vl")
+# Key scoring keeps the first best: dense Qwen3-VL before MoE (which wins only with expert/router modules);
+# name hints test the longer MoE names first ("qwen3-vl" is a prefix of them).
+_SPECIFIC = ("qwen3-vl", "qwen3-vl-moe", "qwen2.5-vl", "qwen2-vl", "qwen-vl")
 
 
 def detect_layout(modules: Iterable[str] = (), config: Mapping | None = None, hint: str | None = None) -> Layout:
@@ -153,7 +192,7 @@ def detect_layout(modules: Iterable[str] = (), config: Mapping | None = None, hi
             return get_layout("qwen-vl")
     if hint:
         low = hint.lower()
-        for name in _SPECIFIC:
+        for name in sorted(_SPECIFIC, key=lambda n: n != "qwen3-vl-moe"):
             layout = get_layout(name)
             if any(h in low for h in layout.name_hints) or any(a.lower() in low for a in layout.architectures):
                 return layout

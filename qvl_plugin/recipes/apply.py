@@ -126,6 +126,7 @@ class RecipePlan:
     token_rows: Mapping[str, tuple[int, ...]]
     untie: bool  # mark the model config untied before wrapping
     ensure_weight_tying: bool
+    lora_params: tuple[str, ...] = ()  # "module.param" of every raw parameter LoRA wraps (target_parameters)
 
     @property
     def target_regex(self) -> str:
@@ -141,11 +142,13 @@ class RecipePlan:
             lora_dropout=self.recipe.lora_dropout,
             use_rslora=self.recipe.use_rslora,
             use_dora=self.recipe.use_dora,
-            target_modules=self.target_regex,
+            target_modules=self.target_regex if (self.recipe.targets or self.recipe.vision_targets) else [],
             modules_to_save=list(self.modules_to_save) or None,
             bias="none",
             task_type="CAUSAL_LM" if self.index.causal_lm else None,
         )
+        if self.recipe.target_parameters:
+            kwargs["target_parameters"] = list(self.recipe.target_parameters)
         if self.token_rows:
             kwargs["trainable_token_indices"] = {m: list(ids) for m, ids in self.token_rows.items()}
         if self.ensure_weight_tying:
@@ -204,6 +207,20 @@ def plan_recipe(model: nn.Module | ModelIndex, recipe: Recipe | str) -> RecipePl
             matches.append(PatternMatch(kind, pattern, hit))
             lora.update(dict.fromkeys(hit))
 
+    params: dict[str, None] = {}
+    for name in recipe.target_parameters:
+        hit = tuple(k for k in index.params if k == name or k.endswith("." + name))  # PEFT's own matching
+        if not hit:
+            raise RecipeError(f"{label}: target_parameters {name!r} matches no parameter of this model")
+        cold = [k for k in hit if layout.group(k.rpartition(".")[0]) in frozen]
+        if cold:
+            raise RecipeError(f"{label}: target_parameters {name!r} matches frozen {layout.group(cold[0].rpartition('.')[0])} parameters ({cold[0]})")
+        both = [k for k in hit if k.rpartition(".")[0] in lora]
+        if both:
+            raise RecipeError(f"{label}: {both[0]} is targeted by target_parameters and its module by targets; choose one")
+        matches.append(PatternMatch("parameter", name, hit))
+        params.update(dict.fromkeys(hit))
+
     logical = family_modules(recipe.family)
     save: dict[str, None] = {}
     for name in recipe.train_modules:
@@ -253,7 +270,7 @@ def plan_recipe(model: nn.Module | ModelIndex, recipe: Recipe | str) -> RecipePl
             raise RecipeError(f"{label}: tied='tie' shares one matrix between embedding and lm_head, so their trainable_tokens must be the same ids (or use tied: untie)")
         untie = recipe.tied == "untie"
         ensure = recipe.tied == "tie" and any(m in save for m in edges)
-    return RecipePlan(recipe, layout, index, tuple(matches), tuple(lora), tuple(save), rows, untie, ensure)
+    return RecipePlan(recipe, layout, index, tuple(matches), tuple(lora), tuple(save), rows, untie, ensure, tuple(params))
 
 
 def _mark_untied(model: nn.Module) -> None:
@@ -305,10 +322,12 @@ def _verify(peft_model, plan: RecipePlan) -> None:
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
-    expected = set(plan.lora_modules) | set(plan.modules_to_save) | set(plan.token_rows)
-    stray = [n for n, p in peft_model.named_parameters() if p.requires_grad and split_param(n)[0] not in expected]
+    holders = {k.rpartition(".")[0] for k in plan.lora_params}
+    expected = set(plan.lora_modules) | set(plan.modules_to_save) | set(plan.token_rows) | holders
+    unwrap = lambda m: re.sub(r"(\.base_layer)+$", "", m)  # noqa: E731  nested ParamWrappers
+    stray = [n for n, p in peft_model.named_parameters() if p.requires_grad and unwrap(split_param(n)[0]) not in expected]
     base = peft_model.get_base_model()
-    missing = [m for mods, cls in ((plan.lora_modules, LoraLayer), (plan.modules_to_save, ModulesToSaveWrapper),
+    missing = [m for mods, cls in ((plan.lora_modules + tuple(sorted(holders)), LoraLayer), (plan.modules_to_save, ModulesToSaveWrapper),
                                    (tuple(plan.token_rows), TrainableTokensWrapper))
                for m in mods if not isinstance(base.get_submodule(m), cls)]
     if stray or missing:

@@ -10,7 +10,7 @@ from .schema import Recipe
 
 __all__ = ["RECIPES"]
 
-_TITLES = {"qwen-vl": "Qwen-VL", "qwen2-vl": "Qwen2-VL", "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL"}
+_TITLES = {"qwen-vl": "Qwen-VL", "qwen2-vl": "Qwen2-VL", "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL", "qwen3-vl-moe": "Qwen3-VL-MoE"}
 
 
 def _family(family: str, what: str = "", **lora) -> list[Recipe]:
@@ -53,4 +53,17 @@ RECIPES: list[Recipe] = [
     *_family("qwen2-vl", r=16, lora_alpha=32, lora_dropout=0.05),
     *_family("qwen2.5-vl", r=16, lora_alpha=32, lora_dropout=0.05),
     *_family("qwen3-vl", r=16, lora_alpha=32, lora_dropout=0.05),
+    # Qwen3-VL-MoE: the family default targets are the attention projections (the MLP is fused experts,
+    # not Linear layers); lora-experts adds PEFT target_parameters LoRA on the expert tensors (lora_dropout
+    # must be 0 there: PEFT's ParamWrapper refuses dropout). The router (mlp.gate) stays frozen unless a
+    # recipe lists mlp.gate.weight in target_parameters.
+    *_family("qwen3-vl-moe", r=16, lora_alpha=32, lora_dropout=0.05),
+    Recipe(
+        name="qwen3-vl-moe/lora-experts",
+        family="qwen3-vl-moe",
+        description="Qwen3-VL-MoE: LoRA r=16 alpha=32 on attention + the fused experts (target_parameters), router frozen",
+        r=16, lora_alpha=32, lora_dropout=0.0,
+        target_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        save=("adapter", "pth"),
+    ),
 ]

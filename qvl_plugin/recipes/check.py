@@ -241,7 +241,7 @@ def _numel(shape) -> int:
     return n
 
 
-_CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules", "modules_to_save",
+_CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules", "target_parameters", "modules_to_save",
                   "trainable_token_indices", "ensure_weight_tying", "task_type")
 
 

@@ -31,7 +31,7 @@ __all__ = [
     "load_recipe_file",
 ]
 
-FAMILIES = ("qwen-vl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+FAMILIES = ("qwen-vl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe")
 SAVE_FORMATS = ("adapter", "pth", "merged")
 TIED_POLICIES = ("untie", "tie", "error")
 FREEZABLE = ("vision", "merger", "language")
@@ -121,6 +121,9 @@ class Recipe:
     freeze: tuple[str, ...] = ("vision", "merger")
     tied: str = "untie"
     save: tuple[str, ...] = ("adapter",)
+    target_parameters: tuple[str, ...] = ()
+    """Raw parameters to LoRA (PEFT ``target_parameters``, suffix names like ``mlp.experts.gate_up_proj``):
+    fused MoE experts. The router (``mlp.gate.weight``) is trained only when listed here."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -166,8 +169,11 @@ class Recipe:
                         f"(e.g. {family_default_targets(self.family)[0]!r}), since bare leaf names also match "
                         "vision-tower modules"
                     )
-        if not self.targets and not self.vision_targets:
-            problems.append("needs at least one LoRA target (targets or vision_targets)")
+        set_("target_parameters", _strs(self.target_parameters, "target_parameters"))
+        if any(not t or t.startswith(".") or "*" in t for t in self.target_parameters):
+            problems.append(f"target_parameters are parameter names like 'mlp.experts.gate_up_proj' (no regex), got {list(self.target_parameters)}")
+        if not self.targets and not self.vision_targets and not self.target_parameters:
+            problems.append("needs at least one LoRA target (targets, vision_targets or target_parameters)")
 
         logical = family_modules(self.family)
         set_("train_modules", _strs(self.train_modules, "train_modules"))

@@ -103,7 +103,6 @@ def test_resized_vocab_wrong_base_and_zero3_shards_list_their_keys(mts_adapter, 
         ({"init_lora_weights": "pissa_niter_4"}, "residual"),
         ({"init_lora_weights": "olora"}, "residual"),
         ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
-        ({"target_parameters": ["experts.gate_up_proj"]}, "target_parameters"),
         ({"peft_type": "ADALORA"}, "not supported"),
     ],
 )

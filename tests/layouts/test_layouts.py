@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from qvl_plugin.layouts import GENERIC, all_layouts, detect_layout, get_layout
@@ -63,3 +65,47 @@ def test_mapping_comes_from_transformers_where_it_exists():
     expected = tuple((r.source_patterns[0], r.target_patterns[0]) for r in rules)
     assert get_layout("qwen2-vl").to_memory == expected
     assert {layout.name for layout in all_layouts()} >= {"qwen-vl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"}
+
+
+def test_qwen3_vl_moe_layout_against_transformers(tmp_path):
+    """model_type qwen3_vl_moe -> its own layout (not qwen3-vl); the experts' disk/memory transpose is the
+    one transformers' conversion mapping applies, and a hub-layout file loads to the same model."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    from tests.factories import MOE_EXPERTS, MOE_FAMILY, hub_layout_base
+
+    model = build_model(MOE_FAMILY)
+    layout = get_layout(MOE_FAMILY)
+    assert detect_layout(config=model.config.to_dict()).name == MOE_FAMILY
+    assert detect_layout(n for n, _ in model.named_modules()).name == MOE_FAMILY
+    assert detect_layout(config=build_model("qwen3-vl").config.to_dict()).name == "qwen3-vl"
+    assert detect_layout(hint="Qwen/Qwen3-VL-30B-A3B-Instruct").name == MOE_FAMILY
+    groups = {layout.group(n) for n, _ in model.named_modules() if n}
+    assert {"embedding", "head", "language", "experts", "router", "vision", "merger"} <= groups
+
+    rules = get_checkpoint_conversion_mapping("qwen3_vl_moe")
+    transposed = sorted(r.target_patterns[0] for r in rules if [type(o).__name__ for o in r.operations] == ["Transpose"])
+    assert sorted(layout.transposed_on_disk) == sorted(MOE_EXPERTS) == transposed
+    # the JSON (used when transformers is not imported) carries the same rule
+    data = json.loads((Path(__import__("qvl_plugin.layouts").layouts.__file__).parent / "qwen3-vl-moe.json").read_text())
+    assert sorted(data["transposed_on_disk"]) == transposed
+    # PEFT nests ParamWrappers in the module's parameter registration order: the layout's order
+    experts = model.model.language_model.layers[0].mlp.experts
+    assert [n for n, _ in experts.named_parameters(recurse=False)] == list(layout.module_parameters("x.mlp.experts"))
+
+    # transformers 5 saves memory layout; a hub file holds the transpose and loads to the same weights
+    base = save_base(model, tmp_path / "base")
+    hub = hub_layout_base(__import__("shutil").copytree(base, tmp_path / "hub"))
+    with safe_open(str(hub / "model.safetensors"), "pt") as f:
+        k = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+        assert tuple(f.get_slice(k).get_shape()) == (4, 64, 48)
+    loaded = AutoModelForImageTextToText.from_pretrained(hub).eval()
+    sd, ref = loaded.state_dict(), model.state_dict()
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
