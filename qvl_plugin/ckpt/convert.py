@@ -231,7 +231,7 @@ def load_report(keys: set[str], base: str | Path, adapter_config: dict) -> dict 
     from peft import PeftConfig, get_peft_model
 
     try:
-        cfg = transformers.AutoConfig.from_pretrained(str(base))
+        cfg = transformers.AutoConfig.from_pretrained(str(base), trust_remote_code=False)  # never run or ask
     except Exception as e:  # noqa: BLE001 - remote-code or unknown configs: no check, say why
         return {"skipped": f"cannot build the model from {Path(base).name}/config.json ({type(e).__name__})"}
     arch = (getattr(cfg, "architectures", None) or [None])[0]
