@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .declared import WAYS_OUT, undelivered
 from ..errors import AdapterConfigError, UsageError
 from .adapter_config import AdapterSettings
 from .keys import PEFT_PREFIX, Role, lora_suffix
@@ -165,6 +166,11 @@ def convert(
             errors = [f for f in ckpt.findings if f.severity == "error"]
             if errors:
                 raise AdapterConfigError(f"{ckpt.path.name}: {errors[0].message}")
+            missing = undelivered(ckpt, {e.module for e in base_ckpt.entries} if base_ckpt is not None else None)
+            if missing:
+                raise AdapterConfigError(f"{ckpt.path.name}: declares {', '.join(missing)} in modules_to_save/trainable "
+                                         f"tokens but holds no weights for them (saved keeping only 'lora_' keys, like "
+                                         f"Qwen-VL finetune.py); converting would carry the loss along. {WAYS_OUT}")
             if to == "peft":
                 return _to_peft(ckpt, Path(out), src, base, force)
             return _to_pth(ckpt, Path(out), src, base, force, check_load)
