@@ -54,7 +54,12 @@ def load_processor(model_dir: str | Path | None = None, trust_remote_code: bool 
     Uses ``AutoProcessor`` when it works (torchvision installed, full processor files); otherwise the stock
     tokenizer + the PIL ``Qwen2VLImageProcessorPil`` joined without a video processor. A model dir's own
     code runs only with ``trust_remote_code=True``; otherwise transformers is told no (it never prompts)."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers import AutoTokenizer
+
+    try:
+        from transformers import Qwen2VLImageProcessorPil
+    except ImportError:  # transformers 4.x: the plain image processor is the PIL/numpy one
+        from transformers import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
 
     path = str(model_dir or tiny_dir())
     if model_dir is not None:
