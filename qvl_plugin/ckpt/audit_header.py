@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import CheckpointError
+from .declared import undelivered_finding
 from .pairs import LoraPair, lora_pairs
 from .findings import few as _few
 from .findings import finding as _finding
@@ -91,6 +92,9 @@ def header_checks(ckpt: Checkpoint, base_ckpt: Checkpoint | None) -> list[Findin
             )
         if ckpt.format == "pth":
             out += _strict_false(ckpt, BaseFacts(base_ckpt) if base_ckpt is not None else None)
+    gone = undelivered_finding(ckpt, {e.module for e in base_ckpt.entries} | {base_ckpt.layout.head or ""} if base_ckpt is not None else None)
+    if gone is not None:
+        out.append(gone)
     if base_ckpt is not None:
         b = BaseFacts(base_ckpt)
         out += _vs_base(ckpt, b, pairs) if ckpt.is_adapter else _merged_vs_base(ckpt, b)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .declared import WAYS_OUT, undelivered
 from ..errors import AdapterConfigError, UsageError
 from .adapter_config import AdapterSettings
 from .keys import PEFT_PREFIX, Role, lora_suffix
@@ -194,6 +195,11 @@ def convert(
             errors = [f for f in ckpt.findings if f.severity == "error"]
             if errors:
                 raise AdapterConfigError(f"{ckpt.path.name}: {errors[0].message}")
+            missing = undelivered(ckpt, {e.module for e in base_ckpt.entries} if base_ckpt is not None else None)
+            if missing:
+                raise AdapterConfigError(f"{ckpt.path.name}: declares {', '.join(missing)} in modules_to_save/trainable "
+                                         f"tokens but holds no weights for them (saved keeping only 'lora_' keys, like "
+                                         f"Qwen-VL finetune.py); converting would carry the loss along. {WAYS_OUT}")
             if to == "peft":
                 return _to_peft(ckpt, Path(out), src, base, force)
             return _to_pth(ckpt, Path(out), src, base, force, check_load)
@@ -260,7 +266,7 @@ def load_report(keys: set[str], base: str | Path, adapter_config: dict) -> dict 
     from peft import PeftConfig, get_peft_model
 
     try:
-        cfg = transformers.AutoConfig.from_pretrained(str(base))
+        cfg = transformers.AutoConfig.from_pretrained(str(base), trust_remote_code=False)  # never run or ask
     except Exception as e:  # noqa: BLE001 - remote-code or unknown configs: no check, say why
         return {"skipped": f"cannot build the model from {Path(base).name}/config.json ({type(e).__name__})"}
     arch = (getattr(cfg, "architectures", None) or [None])[0]

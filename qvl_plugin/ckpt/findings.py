@@ -19,6 +19,7 @@ CODES: dict[str, str] = {
     "unmatched-key": "error",
     "noop-adapter": "error",
     "checksum-mismatch": "error",
+    "missing-modules-to-save": "error",
     "duplicate-key": "warning",
     "strict-false-noop": "warning",
     "tied-weights": "warning",

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import AdapterConfigError, UsageError
 from . import merge_math as mm
+from .declared import WAYS_OUT, undelivered
 from .merge_params import plan_param_lora
 from .merge_ops import DTYPE_CONFIG_NAMES, BiasOp, LoraOp, MergeError, MergePlan, TensorPlan, parse_dtype
 from .reader import TensorReader, all_finite_rows, equal_rows
@@ -132,6 +133,11 @@ def plan_merge(
 
 def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check_values: bool) -> MergePlan:
     _refuse_settings(ad)
+    missing = undelivered(ad, {e.module for e in base.entries} | {base.layout.head or ""})
+    if missing:
+        raise MergeError(f"{ad.path.name}: declares {', '.join(missing)} in modules_to_save/trainable tokens but holds "
+                         f"no weights for them (saved keeping only 'lora_' keys, like Qwen-VL finetune.py); a merge would "
+                         f"keep the base's untrained modules. {WAYS_OUT}", [(m, "no weights in the adapter") for m in missing])
     settings = ad.adapter
     problems: list[tuple[str, str]] = []
     notes: list[str] = []

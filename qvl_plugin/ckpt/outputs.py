@@ -21,7 +21,8 @@ from typing import Iterable
 from ..errors import UsageError, WriteError
 from .checksums import CHECKSUM_NAME
 
-__all__ = ["check_output", "is_weight_file", "support_files", "temp_dir_for", "install_dir", "atomic_file", "os_error_text", "TMP_MARK"]
+__all__ = ["check_output", "is_weight_file", "support_files", "temp_dir_for", "install_dir", "atomic_file", "os_error_text",
+           "TMP_MARK", "current_umask", "normal_mode"]
 
 TMP_MARK = ".qvl-tmp-"
 
@@ -134,11 +135,35 @@ def os_error_text(e: OSError) -> str:
     return "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic swap (briefly process-wide)
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(path: Path, directory: bool) -> None:
+    """Give ``path`` what a plain ``mkdir``/``open(..., "w")`` would under the caller's umask: the temp
+    names are created private (0700/0600), and a rename keeps that mode, so a merged model would otherwise
+    be unreadable to other users and serving containers."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def temp_dir_for(out: Path) -> Path:
-    """A fresh hidden sibling of ``out`` to write into (stale ones from killed runs are removed first)."""
+    """A fresh hidden sibling of ``out`` to write into (stale ones from killed runs are removed first),
+    with the permissions a plain ``mkdir`` would give it (it becomes OUT by a rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent))
+    normal_mode(tmp, directory=True)
+    return tmp
 
 
 def install_dir(tmp: Path, out: Path, force: bool) -> None:
@@ -186,6 +211,7 @@ class atomic_file:
             _clean_stale(self.out)
             fd, name = tempfile.mkstemp(prefix=f".{self.out.name}{TMP_MARK}{os.getpid()}-", dir=self.out.parent)
             os.close(fd)
+            normal_mode(Path(name), directory=False)
         except OSError as e:
             raise WriteError(f"cannot write {self.out}: {os_error_text(e)}") from None
         self.tmp = Path(name)

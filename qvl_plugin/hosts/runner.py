@@ -146,14 +146,20 @@ def _load_model(config: TrainConfig):
     kwargs = {"dtype": "auto", **config.model_kwargs}
     if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    # A model's own code runs only when the YAML says so; an explicit False also stops transformers' prompt.
+    trust = kwargs.get("trust_remote_code") is True
+    kwargs["trust_remote_code"] = trust
     try:
         if config.recipe.family == "qwen-vl":
-            kwargs.setdefault("trust_remote_code", True)
+            if not trust:
+                raise TrainConfigError(
+                    f"{config.source}: Qwen-VL v1 ({config.model}) is remote code, which qvl-train runs only when told: "
+                    "set model_kwargs: {trust_remote_code: true} if you trust that model's *.py files")
             model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
             processor = AutoTokenizer.from_pretrained(config.model, trust_remote_code=True)
         else:
             model = AutoModelForImageTextToText.from_pretrained(config.model, **kwargs)
-            processor = load_processor(config.model)
+            processor = load_processor(config.model, trust_remote_code=trust)
     except OSError as e:
         raise TrainConfigError(f"{config.source}: model {config.model!r}: {' '.join(str(e).split())}") from None
     base = Path(config.model)
@@ -296,7 +302,8 @@ def _logit_diff(peft_model, merged_dir: Path, batch: Mapping[str, Any]) -> float
     device = next(peft_model.parameters()).device
     with torch.no_grad():
         ref = peft_model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.float().cpu()
-        merged = AutoModelForImageTextToText.from_pretrained(str(merged_dir), dtype=torch.float32, local_files_only=True)
+        merged = AutoModelForImageTextToText.from_pretrained(str(merged_dir), dtype=torch.float32, local_files_only=True,
+                                                              trust_remote_code=False)
         merged.eval()
         got = merged(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
     del merged

@@ -215,12 +215,21 @@ def check_tensors(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple
 
 
 def _tmp_sibling(target: Path) -> Path:
+    from ..ckpt.outputs import normal_mode
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    normal_mode(tmp, directory=True)  # it becomes the output by a rename: not mkdtemp's 0700
+    return tmp
 
 
 def _commit(tmp: Path, target: Path) -> None:
     """Move ``tmp`` into place; a previous output of ours at ``target`` is replaced."""
+    from ..ckpt.outputs import normal_mode
+
+    for p in [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]:  # safetensors >= 0.8 writes via a 0600 temp file
+        if not p.is_symlink():
+            normal_mode(p, directory=p.is_dir())
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         if old.exists():

@@ -23,7 +23,7 @@ def build_tiny_model(seed: int = 0, config_dir: str | Path | None = None):
     import torch
     from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(str(config_dir or tiny_dir()))
+    config = AutoConfig.from_pretrained(str(config_dir or tiny_dir()), trust_remote_code=False)
     gen = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -48,22 +48,28 @@ def _processor_class():
     return ImageOnlyQwen2VLProcessor
 
 
-def load_processor(model_dir: str | Path | None = None):
+def load_processor(model_dir: str | Path | None = None, trust_remote_code: bool = False):
     """A Qwen2-VL processor for a local model dir (default: the tiny one), offline.
 
     Uses ``AutoProcessor`` when it works (torchvision installed, full processor files); otherwise the stock
-    tokenizer + the PIL ``Qwen2VLImageProcessorPil`` joined without a video processor."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    tokenizer + the PIL ``Qwen2VLImageProcessorPil`` joined without a video processor. A model dir's own
+    code runs only with ``trust_remote_code=True``; otherwise transformers is told no (it never prompts)."""
+    from transformers import AutoTokenizer
+
+    try:
+        from transformers import Qwen2VLImageProcessorPil
+    except ImportError:  # transformers 4.x: the plain image processor is the PIL/numpy one
+        from transformers import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
 
     path = str(model_dir or tiny_dir())
     if model_dir is not None:
         try:
             from transformers import AutoProcessor
 
-            return AutoProcessor.from_pretrained(path, local_files_only=True)
+            return AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         except Exception:  # noqa: BLE001 - fall back to the torchvision-free assembly below
             pass
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
     return _processor_class()(
         image_processor=image_processor,

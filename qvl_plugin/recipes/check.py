@@ -96,14 +96,14 @@ def build_meta_model(model_dir: str | Path):
     model_dir = Path(model_dir)
     _read_config(model_dir)
     try:
-        config = AutoConfig.from_pretrained(str(model_dir))
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)  # never run or ask to run a model's code
     except Exception as e:
         raise RecipeError(f"{model_dir}/config.json: transformers cannot read it ({type(e).__name__}: {e})") from None
     dtype = _dtype(config)
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         try:
-            return transformers.AutoModelForImageTextToText.from_config(config, dtype=dtype)
+            return transformers.AutoModelForImageTextToText.from_config(config, dtype=dtype, trust_remote_code=False)
         except ValueError:
             pass
         for arch in getattr(config, "architectures", None) or ():
