@@ -20,6 +20,7 @@ CODES: dict[str, str] = {
     "noop-adapter": "error",
     "checksum-mismatch": "error",
     "duplicate-key": "warning",
+    "resized-vocab": "warning",
     "strict-false-noop": "warning",
     "tied-weights": "warning",
     "missing-scaling": "warning",

@@ -216,3 +216,63 @@ def test_other_hidden_size_stays_a_shape_error(qwen2_vl_base, tmp_path):
     save_file(sd, str(f), metadata={"format": "pt"})
     r = _run("merge", tmp_path / "adapter", "--base", base, "-o", tmp_path / "out")
     _one_error(r, tmp_path, "shape [300, 72] but the base has [256, 64]")
+
+
+# -- audit ------------------------------------------------------------------------------------------------------
+
+
+def _tokenizer(path, n_new: int):
+    """The tiny model's real tokenizer (384 ids) plus ``n_new`` added tokens, saved into ``path``."""
+    from transformers import AutoTokenizer
+
+    from qvl_plugin.hosts.tiny import tiny_dir
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir()))
+    tok.add_tokens([f"<new{i}>" for i in range(n_new)])
+    tok.save_pretrained(str(path))
+    return len(tok)
+
+
+def _audit(*args):
+    r = _run("audit", *args, "--json")
+    return r, json.loads(r.stdout)
+
+
+def test_audit_reports_the_resize_and_whether_the_tokenizer_fits(qwen2_vl_base, tmp_path):
+    model, base = qwen2_vl_base
+    train(resized(model, 400), CASES["modules-to-save"], tmp_path / "adapter")
+    r, out = _audit(tmp_path / "adapter", "--base", base)
+    assert r.exit_code == 0, r.output
+    rv = next(f for f in out["findings"] if f["code"] == "resized-vocab")
+    assert rv["severity"] == "warning" and "from 256 to 400 rows" in rv["message"] and "SRC ships no tokenizer" in rv["message"]
+    assert "cannot encode the new tokens" in rv["message"]
+    assert not [f for f in out["findings"] if f["severity"] == "error"]
+    assert _run("audit", tmp_path / "adapter", "--base", base, "--strict").exit_code == 1
+
+    assert _tokenizer(tmp_path / "adapter", 16) == 400  # 384 + 16: the new ids fill the new rows
+    _, out = _audit(tmp_path / "adapter", "--base", base)
+    assert "ships a tokenizer whose ids fit" in next(f for f in out["findings"] if f["code"] == "resized-vocab")["message"]
+
+    _tokenizer(tmp_path / "adapter", 20)  # 404 ids for 400 rows
+    _, out = _audit(tmp_path / "adapter", "--base", base)
+    assert "needs 404 rows but the model has 400" in next(f for f in out["findings"] if f["code"] == "resized-vocab")["message"]
+
+    # the merged model against its original base: the same warning, not a shape error
+    assert merge(tmp_path / "adapter", base, tmp_path / "merged").out.is_dir()
+    r, out = _audit(tmp_path / "merged", "--base", base)
+    assert r.exit_code == 0, r.output
+    assert [f["code"] for f in out["findings"] if f["severity"] != "info"] == ["resized-vocab"]
+
+
+def test_audit_keeps_shape_mismatch_for_what_cannot_merge(qwen2_vl_base, tmp_path):
+    model, base = qwen2_vl_base
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=QV + ["embed_tokens"], modules_to_save=["lm_head"])
+    train(resized(model, GROWN), cfg, tmp_path / "unsaved", save_embedding_layers=False)
+    r, out = _audit(tmp_path / "unsaved", "--base", base)
+    assert r.exit_code == 1
+    sm = next(f for f in out["findings"] if f["code"] == "shape-mismatch")
+    assert "save_embedding_layers=True" in sm["message"] and not any(f["code"] == "resized-vocab" for f in out["findings"])
+    train(resized(model, GROWN), LoraConfig(r=4, lora_alpha=8, target_modules=QV, modules_to_save=["embed_tokens"]),
+          tmp_path / "emb-only", save_embedding_layers="auto")
+    r, out = _audit(tmp_path / "emb-only", "--base", base)
+    assert r.exit_code == 1 and "only the embedding is resized" in next(f for f in out["findings"] if f["code"] == "shape-mismatch")["message"]
