@@ -276,3 +276,37 @@ def test_audit_keeps_shape_mismatch_for_what_cannot_merge(qwen2_vl_base, tmp_pat
           tmp_path / "emb-only", save_embedding_layers="auto")
     r, out = _audit(tmp_path / "emb-only", "--base", base)
     assert r.exit_code == 1 and "only the embedding is resized" in next(f for f in out["findings"] if f["code"] == "shape-mismatch")["message"]
+
+
+# -- diff / convert / extract -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_diff_convert_extract_handle_a_resized_pair(tied, qwen2_vl_base, qwen2_vl_tied_base, tmp_path):
+    model, base = qwen2_vl_tied_base if tied else qwen2_vl_base
+    pm = train(resized(model, GROWN), CASES["lora-embed+mts-head"], tmp_path / "adapter")
+    _tokenizer(tmp_path / "adapter", 0)
+    merge(tmp_path / "adapter", base, tmp_path / "merged")
+
+    # diff: the adapter's effective weights equal the merged model's; the merged model vs base shows the rows
+    r = _run("diff", tmp_path / "adapter", tmp_path / "merged", "--base", base, "--json")
+    assert r.exit_code == 0, r.output
+    r = _run("diff", tmp_path / "merged", base, "--json")
+    assert r.exit_code == 1 and "embed_tokens" in r.stdout and "300" in r.stdout
+
+    # convert: adapter -> pth -> adapter, then the converted adapter merges to the same bytes
+    assert _run("convert", tmp_path / "adapter", "--to", "pth", "-o", tmp_path / "c.pth").exit_code == 0
+    r = _run("convert", tmp_path / "c.pth", "--to", "peft", "-o", tmp_path / "c", "--lora-alpha", "8", "--base", base)
+    assert r.exit_code == 0, r.output
+    merge(tmp_path / "c", base, tmp_path / "merged2")
+    r = _run("diff", tmp_path / "merged", tmp_path / "merged2")
+    assert r.exit_code == 0, r.output
+
+    # extract: embedding and head come back as modules_to_save with the new rows; merging back reproduces
+    r = _run("extract", tmp_path / "merged", "--base", base, "-o", tmp_path / "ex", "--rank", "4", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert {"lm_head", "model.language_model.embed_tokens"} <= set(rep["config"]["modules_to_save"])
+    assert "tokenizer.json" in rep["copied"] and any("resized from 256 to 300" in n for n in rep["notes"])
+    merge(tmp_path / "ex", base, tmp_path / "back")
+    check_reproduces(pm, tmp_path / "back", GROWN)
