@@ -12,9 +12,9 @@ from .findings import few as _few
 from .findings import finding as _finding
 from .keys import PEFT_PREFIX
 from .safety import read_json
-from .tokenizer_files import tokenizer_fit
+from .tokenizer_files import tokenizer_fit, unsaved_resize
 from .view import Checkpoint, Entry, Finding, Role
-from .vocab import VocabResize, resolve_vocab
+from .vocab import SAVE_FIX, VocabResize, resolve_vocab
 
 __all__ = ["BaseFacts", "header_checks"]
 
@@ -175,6 +175,10 @@ def _vs_base(ckpt: Checkpoint, base: BaseFacts, pairs: dict[str, LoraPair]) -> l
     emb_modules = {p.module for p in pairs.values() if p.embedding}
     resize, vocab_problems = _resize(ckpt, base)
     mismatch += vocab_problems
+    if resize is None and not vocab_problems and base.embed and base.shape(base.embed):
+        lost = unsaved_resize(ckpt.path, base.shape(base.embed)[0], SAVE_FIX)
+        if lost:
+            mismatch.append((str(ckpt.path), lost))
     reported = {k for k, _ in vocab_problems}
     resized_shape = (resize.rows, base.shape(base.embed)[1]) if resize is not None else None
     for e in ckpt.entries:

@@ -20,7 +20,8 @@ from . import merge_math as mm
 from .merge_ops import DTYPE_CONFIG_NAMES, BiasOp, LoraOp, MergeError, MergePlan, TensorPlan, parse_dtype
 from .reader import TensorReader, all_finite_rows, equal_rows
 from .view import Checkpoint, Entry, Role, open_checkpoint
-from .vocab import VocabResize, resolve_vocab
+from .tokenizer_files import unsaved_resize
+from .vocab import SAVE_FIX, VocabResize, resolve_vocab
 
 __all__ = ["plan_merge", "open_base", "open_adapter"]
 
@@ -190,6 +191,10 @@ def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check
                                                tied=tied, token_indices=token_ids)
         problems += vocab_problems
         reported = {k for k, _ in vocab_problems}
+        if resize is None and not vocab_problems and emb_base is not None:
+            lost = unsaved_resize(ad.path, emb_base.shape[0], SAVE_FIX)
+            if lost:
+                raise MergeError(lost, [(str(ad.path), lost)])
 
         def shape_of(target: str) -> tuple[int, ...] | None:
             """The shape the adapter acts on: the base's, or the resized rows for embedding and head."""

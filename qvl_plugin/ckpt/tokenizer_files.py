@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .safety import read_json
 
-__all__ = ["TOKENIZER_FILES", "tokenizer_dir", "tokenizer_files", "tokenizer_length", "tokenizer_fit", "with_src_tokenizer"]
+__all__ = ["TOKENIZER_FILES", "tokenizer_dir", "tokenizer_files", "tokenizer_length", "tokenizer_fit", "with_src_tokenizer", "unsaved_resize"]
 
 # tokenizer, processor and chat-template files that must travel with new token rows
 TOKENIZER_FILES = (
@@ -93,3 +93,14 @@ def with_src_tokenizer(files: list[Path], src: str | Path, base_rows: int, rows:
     names = {p.name for p in own}
     notes.append(f"tokenizer files from {d} replace the base's: {', '.join(sorted(names))}")
     return [f for f in files if f.name not in names] + own, notes
+
+
+def unsaved_resize(src: str | Path, rows: int, fix: str) -> str | None:
+    """A sentence when SRC's tokenizer needs more rows than the adapter carries (``rows``, the base's): the
+    model was resized for new tokens but the adapter did not save the resized embedding."""
+    d = tokenizer_dir(src)
+    n = tokenizer_length(d) if d is not None else None
+    if n is None or n <= rows:
+        return None
+    return (f"the tokenizer in {d} has {n} ids but the adapter carries no rows beyond the base's {rows}: the model was "
+            f"resized for new tokens and the resized embedding was not saved; {fix}")
