@@ -310,3 +310,12 @@ def test_diff_convert_extract_handle_a_resized_pair(tied, qwen2_vl_base, qwen2_v
     assert "tokenizer.json" in rep["copied"] and any("resized from 256 to 300" in n for n in rep["notes"])
     merge(tmp_path / "ex", base, tmp_path / "back")
     check_reproduces(pm, tmp_path / "back", GROWN)
+
+
+@pytest.mark.parametrize("fixture", ["qwen25_vl_base", "qwen3_vl_base", "qwen3_vl_tied_base"])
+def test_other_families_merge_a_grown_vocab(fixture, request, tmp_path):
+    model, base = request.getfixturevalue(fixture)
+    pm = train(resized(model, GROWN), CASES["lora-embed+lora-head"], tmp_path / "adapter")
+    merge(tmp_path / "adapter", base, tmp_path / "out")
+    cfg = check_reproduces(pm, tmp_path / "out", GROWN)
+    assert cfg["text_config"]["vocab_size"] == GROWN
