@@ -14,7 +14,9 @@ from .findings import finding as _finding
 from .keys import PEFT_PREFIX
 from .safety import read_json
 from .param_targets import param_shape_problem
+from .tokenizer_files import tokenizer_fit, unsaved_resize
 from .view import Checkpoint, Entry, Finding, Role
+from .vocab import SAVE_FIX, VocabResize, resolve_vocab
 
 __all__ = ["BaseFacts", "header_checks"]
 
@@ -134,14 +136,49 @@ def _strict_false(ckpt: Checkpoint, base: BaseFacts | None) -> list[Finding]:
     ]
 
 
+def _resize(ckpt: Checkpoint, base: BaseFacts) -> tuple[VocabResize | None, list[tuple[str, str]]]:
+    """The adapter's resized vocabulary (shared with merge planning), token ids resolved as merge does."""
+    a = ckpt.adapter
+    emb_rows = next((e.source_module for e in ckpt.entries if e.role is Role.TOKEN_ROWS and e.target == base.embed), None)
+
+    def ids(e: Entry) -> list[int] | None:
+        if a is None:
+            return None
+        got = a.token_indices(e.source_module)
+        if got is None and base.tied and e.target == base.head and emb_rows is not None:
+            got = a.token_indices(emb_rows)
+        return got
+
+    return resolve_vocab(ckpt.entries, base.embed, base.head, base.shape(base.embed) if base.embed else None, tied=base.tied, token_indices=ids)
+
+
+def _vocab_finding(src: Checkpoint, keys, base_rows: int, rows: int, what: str) -> Finding:
+    _, problem = tokenizer_fit(src.path, base_rows, rows)
+    how = "grown" if rows > base_rows else "shrunk"
+    tok = f"; {problem}" if problem else "; SRC ships a tokenizer whose ids fit the new rows"
+    return _finding("resized-vocab", f"vocabulary {how} from {base_rows} to {rows} rows ({what}){tok}", keys)
+
+
 def _vs_base(ckpt: Checkpoint, base: BaseFacts, pairs: dict[str, LoraPair]) -> list[Finding]:
     unmatched: list[str] = []
     unmatched_targets: list[str] = []
     mismatch: list[tuple[str, str]] = []  # (key, why)
     layout = base.ckpt.layout
     emb_modules = {p.module for p in pairs.values() if p.embedding}
+    resize, vocab_problems = _resize(ckpt, base)
+    mismatch += vocab_problems
+    if resize is None and not vocab_problems and base.embed and base.shape(base.embed):
+        lost = unsaved_resize(ckpt.path, base.shape(base.embed)[0], SAVE_FIX)
+        if lost:
+            mismatch.append((str(ckpt.path), lost))
+    reported = {k for k, _ in vocab_problems}
+    resized_shape = (resize.rows, base.shape(base.embed)[1]) if resize is not None else None
     for e in ckpt.entries:
+        if e.key in reported:
+            continue
         want = base.shape(e.target)
+        if resized_shape is not None and e.target in (base.embed, base.head):
+            want = resized_shape
         if want is None:
             unmatched.append(e.key)
             unmatched_targets.append(e.target)
@@ -155,6 +192,9 @@ def _vs_base(ckpt: Checkpoint, base: BaseFacts, pairs: dict[str, LoraPair]) -> l
         if p.a is not None and p.b is not None and len(p.b.shape) > 1 and p.a.shape and p.a.shape[0] != p.b.shape[1]:
             mismatch.append((p.b.key, f"lora_B rank {p.b.shape[1]} != lora_A rank {p.a.shape[0]}"))
     out = []
+    if resize is not None:
+        out.append(_vocab_finding(ckpt, resize.keys, resize.base_rows, resize.rows,
+                                  "embedding and lm_head saved by the adapter; a merge takes its rows and sets vocab_size"))
     if mismatch:
         keys = [k for k, _ in mismatch]
         out.append(
@@ -184,8 +224,6 @@ def _shape_problem(e: Entry, want: tuple[int, ...], pair: LoraPair | None, emb: 
     if role in (Role.FULL, Role.BIAS):
         if e.shape == want:
             return None
-        if e.module in (layout.embedding, layout.head) and len(e.shape) == 2 and len(want) == 2 and e.shape[1] == want[1]:
-            return f"resized vocabulary {e.shape[0]} rows, the base has {want[0]}"
         return f"shape {list(e.shape)}, base {list(want)}"
     if pair is not None and pair.a is not None and pair.b is not None and pair.a.param_wrapper:
         return param_shape_problem(pair.a.shape, pair.b.shape, want)
@@ -229,6 +267,10 @@ def _merged_vs_base(ckpt: Checkpoint, base: BaseFacts) -> list[Finding]:
     if head and head in missing and base.embed in own:
         missing.remove(head)
     out = []
+    rows = _merged_rows(mismatch, own, base)
+    if rows is not None:
+        out.append(_vocab_finding(ckpt, [k for k, _ in mismatch], base.shape(base.embed)[0], rows, "embedding and lm_head of the merged model"))
+        mismatch = []
     if mismatch:
         out.append(
             _finding(
@@ -245,6 +287,21 @@ def _merged_vs_base(ckpt: Checkpoint, base: BaseFacts) -> list[Finding]:
             parts.append(f"{len(missing)} base tensors missing ({_few(missing)})")
         out.append(_finding("unmatched-key", "merged model vs base: " + "; ".join(parts), extra + missing))
     return out
+
+
+def _merged_rows(mismatch: list[tuple[str, str]], own: dict[str, Entry], base: BaseFacts) -> int | None:
+    """A merged model whose only shape changes are the embedding/head rows (both, or a tied embedding): the rows."""
+    if not mismatch or base.embed not in own:
+        return None
+    changed = {e.target for e in own.values() if e.key in {k for k, _ in mismatch}}
+    emb = own[base.embed]
+    want = base.shape(base.embed)
+    if not changed <= {base.embed, base.head} or want is None or len(emb.shape) != 2 or emb.shape[1] != want[1]:
+        return None
+    head = own.get(base.head)
+    if head is None and not base.tied:
+        return None
+    return emb.shape[0] if head is None or head.shape == emb.shape else None
 
 
 def _as_full(e: Entry) -> Entry:

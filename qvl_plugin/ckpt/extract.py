@@ -24,6 +24,7 @@ from .merge_plan import open_base
 from .reader import TensorReader
 from .view import Checkpoint, Entry
 from .shards import TensorSpec, plan_shards
+from .tokenizer_files import tokenizer_files
 from .writer import CheckpointWriter
 
 DUMMY_TARGET_MODULES = "dummy-target-modules"
@@ -52,6 +53,7 @@ class ExtractReport:
     unchanged: int
     config: dict
     notes: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)  # tokenizer files carried over (a resized vocabulary)
 
     @property
     def max_rel_error(self) -> float:
@@ -59,7 +61,7 @@ class ExtractReport:
 
     def to_dict(self) -> dict:
         return {"out": str(self.out), "modules": [m.to_dict() for m in self.modules], "unchanged": self.unchanged,
-                "max_rel_error": self.max_rel_error, "config": self.config, "notes": self.notes}
+                "max_rel_error": self.max_rel_error, "config": self.config, "notes": self.notes, "copied": self.copied}
 
 
 def choose_rank(singular_values: torch.Tensor, rank: int | str, energy: float) -> int:
@@ -142,15 +144,30 @@ def _extract(mc: Checkpoint, bc: Checkpoint, out: Path, rank, energy, force, pro
             f"MERGED and BASE hold different tensors ({len(only_merged)} only in MERGED, {len(only_base)} only in BASE, e.g. {what}); wrong base?"
         )
     shapes = [t for t in mt if t in bt and mt[t].shape != bt[t].shape]
-    if shapes:
-        raise CheckpointError(f"MERGED and BASE shapes differ for {len(shapes)} tensors, e.g. {shapes[0]!r} (resized vocabulary? wrong base?)")
+    rows = _resized_rows(shapes, mt, bt, emb, head)
+    if shapes and rows is None:
+        raise CheckpointError(f"MERGED and BASE shapes differ for {len(shapes)} tensors, e.g. {shapes[0]!r} (wrong base?)")
 
     mr, br = TensorReader(mc), TensorReader(bc)
     try:
-        return _run(mc, bc, mt, bt, mr, br, emb, head, out, rank, energy, force, progress, merged_path, base_path)
+        report = _run(mc, bc, mt, bt, mr, br, emb, head, out, rank, energy, force, progress, merged_path, base_path)
+        if rows is not None:
+            report.notes.append(f"vocabulary resized from {bt[emb].shape[0]} to {rows} rows: embedding and lm_head saved "
+                                f"whole (modules_to_save) with {rows} rows" + (", MERGED's tokenizer files copied" if report.copied else ""))
+        return report
     finally:
         mr.close()
         br.close()
+
+
+def _resized_rows(shapes: list[str], mt: dict[str, Entry], bt: dict[str, Entry], emb: str | None, head: str) -> int | None:
+    """New tokens: only the embedding/head rows differ (both alike, or the tied embedding alone) -> the rows."""
+    if not shapes or emb not in mt or not set(shapes) <= {emb, head}:
+        return None
+    e, b = mt[emb].shape, bt[emb].shape
+    if len(e) != 2 or len(b) != 2 or e[1] != b[1] or (head in mt and mt[head].shape != e):
+        return None
+    return e[0]
 
 
 def _run(mc, bc, mt, bt, mr, br, emb, head, out, rank, energy, force, progress, merged_path, base_path) -> ExtractReport:
@@ -188,11 +205,17 @@ def _run(mc, bc, mt, bt, mr, br, emb, head, out, rank, energy, force, progress, 
         for spec in plan.order:
             w.write(spec.name, tensors[spec.name])
         w.write_json("adapter_config.json", cfg, sort_keys=True)
+        copied = []
+        if any(mt[t].shape != bt[t].shape for t in mt if t in bt) and mc.path.is_dir():
+            copied = tokenizer_files(mc.path)  # new tokens: the tokenizer that encodes them travels with the rows
+            for f in copied:
+                w.copy_file(f)
         w.commit()
     notes = []
     if not lora_modules and not full_modules and not modules:
         notes.append("MERGED equals BASE: the adapter is empty")
-    return ExtractReport(out=Path(out).absolute(), modules=modules, unchanged=unchanged, config=cfg, notes=notes)
+    return ExtractReport(out=Path(out).absolute(), modules=modules, unchanged=unchanged, config=cfg, notes=notes,
+                         copied=[f.name for f in copied])
 
 
 def _one_module(module, params, names, values, bases, mt, specials, mc, rank, energy, tensors, modules, lora_modules, full_modules) -> None:

@@ -21,6 +21,7 @@ CODES: dict[str, str] = {
     "checksum-mismatch": "error",
     "missing-modules-to-save": "error",
     "duplicate-key": "warning",
+    "resized-vocab": "warning",
     "strict-false-noop": "warning",
     "tied-weights": "warning",
     "missing-scaling": "warning",

@@ -44,7 +44,8 @@ _GRAMMAR: list[tuple[re.Pattern, Role, str | None]] = [
     (re.compile(r"^(?P<m>.+)\.lora_magnitude_vector(?:\.(?P<a>(?!weight$)[^.]+))?(?:\.weight)?$"), Role.MAGNITUDE, "weight"),
     (re.compile(rf"^(?P<m>.+?)(?:\.token_adapter)?\.trainable_tokens_delta{_A}$"), Role.TOKEN_ROWS, "weight"),
     (re.compile(r"^(?P<m>.+)\.modules_to_save\.(?P<a>[^.]+)\.(?P<p>.+)$"), Role.FULL, None),
-    (re.compile(r"^(?P<m>.+)\.base_layer\.(?P<p>[^.]+)$"), Role.FULL, None),
+    # PEFT's saved base layer of a LoRA-targeted (or trainable-token wrapped) embedding: the matrix itself
+    (re.compile(r"^(?P<m>.+?)(?:\.token_adapter)?\.base_layer\.(?P<p>[^.]+)$"), Role.FULL, None),
 ]
 _IGNORED = re.compile(r"\.(original_module|modules_to_save)(\.|$)|\.trainable_tokens_original(\.|$)")
 

@@ -29,6 +29,7 @@ from .merge_plan import open_adapter, open_base, plan_merge
 from .reader import CHUNK_ELEMENTS, TensorReader
 from .outputs import check_output, support_files
 from .shards import ShardPlan, plan_shards
+from .tokenizer_files import with_src_tokenizer
 from .view import Checkpoint
 from .writer import CheckpointWriter
 
@@ -230,6 +231,9 @@ def merge(
         t_plan = time.perf_counter() - t_start
         shard_plan: ShardPlan = plan_shards(plan.specs(), max_shard_size)
         files, skipped = support_files(plan.base.path) if plan.base.path.is_dir() else ([], [])
+        vocab_notes: list[str] = []
+        if plan.vocab is not None:  # new tokens: the tokenizer that added them travels with the rows
+            files, vocab_notes = with_src_tokenizer(files, src, plan.vocab.base_rows, plan.vocab.rows)
         rewrite_config = plan.config is not None and plan.config != plan.base.config
         if rewrite_config:
             files = [f for f in files if f.name != "config.json"]  # written from the plan (tie flag, dtype)
@@ -255,7 +259,7 @@ def merge(
             bytes_written=w.bytes_written,
             copied_files=[f.name for f in files],
             skipped=skipped,
-            notes=plan.notes + ([] if plan.config is not None else ["the base has no config.json: OUT holds weights only"]),
+            notes=plan.notes + vocab_notes + ([] if plan.config is not None else ["the base has no config.json: OUT holds weights only"]),
             seconds={k: round(v, 4) for k, v in seconds.items()},
         )
 

@@ -12,6 +12,7 @@ from . import merge_math as mm
 from .reader import TensorReader
 from .shards import TensorSpec
 from .view import Checkpoint, Entry
+from .vocab import VocabResize
 
 __all__ = ["MergeError", "LoraOp", "BiasOp", "TensorPlan", "MergePlan", "parse_dtype", "delta_bound", "DTYPE_CONFIG_NAMES"]
 
@@ -111,6 +112,7 @@ class MergePlan:
     untie: bool
     notes: list[str] = field(default_factory=list)
     readers: dict[str, TensorReader] = field(default_factory=dict, repr=False)
+    vocab: VocabResize | None = None  # a resized vocabulary: embedding/head rows from the adapter
 
     def __enter__(self) -> "MergePlan":
         return self

@@ -22,6 +22,8 @@ from .merge_params import plan_param_lora
 from .merge_ops import DTYPE_CONFIG_NAMES, BiasOp, LoraOp, MergeError, MergePlan, TensorPlan, parse_dtype
 from .reader import TensorReader, all_finite_rows, equal_rows
 from .view import Checkpoint, Entry, Role, open_checkpoint
+from .tokenizer_files import unsaved_resize
+from .vocab import SAVE_FIX, VocabResize, resolve_vocab
 
 __all__ = ["plan_merge", "open_base", "open_adapter"]
 
@@ -178,27 +180,57 @@ def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check
             if base_entry(e.target) is None:
                 problems.append((e.key, f"no base tensor {e.target!r}" + _hint_missing(e, targets)))
 
+        # -- a resized vocabulary (new tokens): the adapter's rows replace the base's for embedding and head --
+        emb_rows_module = next((e.source_module for e in ad.entries if e.role is Role.TOKEN_ROWS and e.target == emb_t), None)
+
+        def token_ids(e: Entry) -> list[int] | None:
+            if settings is None:
+                return None
+            idx = settings.token_indices(e.source_module)
+            if idx is None and tied and e.target == head_t and emb_rows_module is not None:
+                idx = settings.token_indices(emb_rows_module)  # the tied head's wrapper shares the embedding's ids
+            return idx
+
+        emb_base = base_entry(emb_t) if emb_t else None
+        resize, vocab_problems = resolve_vocab(ad.entries, emb_t, head_t, emb_base.shape if emb_base is not None else None,
+                                               tied=tied, token_indices=token_ids)
+        problems += vocab_problems
+        reported = {k for k, _ in vocab_problems}
+        if resize is None and not vocab_problems and emb_base is not None:
+            lost = unsaved_resize(ad.path, emb_base.shape[0], SAVE_FIX)
+            if lost:
+                raise MergeError(lost, [(str(ad.path), lost)])
+
+        def shape_of(target: str) -> tuple[int, ...] | None:
+            """The shape the adapter acts on: the base's, or the resized rows for embedding and head."""
+            if resize is not None and target in (emb_t, head_t):
+                return (resize.rows, emb_base.shape[1])
+            w = base_entry(target)
+            return tuple(w.shape) if w is not None else None
+
         ops: dict[str, _Ops] = {}
         modules: dict[str, dict[Role, Entry]] = {}
         for e in ad.entries:
+            if e.key in reported:
+                continue
             if e.role in (Role.FULL, Role.BIAS):
                 o = ops.setdefault(e.target, _Ops())
                 if o.replace is not None:
                     problems.append((e.key, f"a second replacement for {e.target!r} (also {o.replace.key!r})"))
                     continue
-                want = base_entry(e.target)
-                if want is not None and want.shape != e.shape:
-                    problems.append((e.key, f"shape {list(e.shape)} but the base has {list(want.shape)}" + _vocab_hint(e, want, emb_t, head_t)))
+                want = shape_of(e.target)
+                if want is not None and want != e.shape:
+                    problems.append((e.key, f"shape {list(e.shape)} but the base has {list(want)}"))
                 o.replace = e
             elif e.role is Role.TOKEN_ROWS:
-                idx = settings.token_indices(e.source_module) if settings is not None else None
-                want = base_entry(e.target)
+                idx = token_ids(e)
+                want = shape_of(e.target)
                 if idx is None:
                     problems.append((e.key, "trainable-token rows but no trainable_token_indices for this module in the adapter config"))
                 elif len(e.shape) != 2 or e.shape[0] != len(idx):
                     problems.append((e.key, f"{e.shape[0] if e.shape else 0} rows for {len(idx)} token indices"))
-                elif want is not None and (len(want.shape) != 2 or want.shape[1] != e.shape[1] or max(idx) >= want.shape[0]):
-                    problems.append((e.key, f"rows {list(e.shape)} (max index {max(idx)}) do not fit the base {list(want.shape)}"))
+                elif want is not None and (len(want) != 2 or want[1] != e.shape[1] or max(idx) >= want[0]):
+                    problems.append((e.key, f"rows {list(e.shape)} (max index {max(idx)}) do not fit the base {list(want)}"))
                 else:
                     ops.setdefault(e.target, _Ops()).rows = (e, tuple(idx))
             else:
@@ -208,7 +240,7 @@ def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check
                 roles[e.role] = e
 
         for module, roles in modules.items():
-            _plan_lora(module, roles, settings, base_entry, ops, problems, value, ad.format, base.layout)
+            _plan_lora(module, roles, settings, shape_of, ops, problems, value, ad.format, base.layout, base_entry)
 
         if problems:
             raise MergeError(
@@ -218,11 +250,13 @@ def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check
 
         # -- tied embedding / head: follow the trained (unmerged) model ----------------------------------
         untie = False
-        emb_ops, head_ops = ops.get(emb_t, _Ops()), ops.get(head_t, _Ops())
+        emb_ops, head_ops = ops.setdefault(emb_t, _Ops()), ops.setdefault(head_t, _Ops())
+        if resize is not None:
+            _follow_tied(resize, emb_ops, head_ops)
+            notes.append(_vocab_note(resize))
         if tied and emb_t in targets:
             if head_ops.rows is None and emb_ops.rows is not None:
                 head_ops.rows = emb_ops.rows  # PEFT ties the head's token wrapper to the embedding's
-                ops[head_t] = head_ops
             if not _same_effect(emb_ops, head_ops, readers, value):
                 untie = True
                 notes.append(
@@ -247,8 +281,8 @@ def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check
                 tp = _tensor_plan(name, head_t, e, ops.get(head_t), out_dtype)
                 tp.added = True
                 plans.append(tp)
-        config = _out_config(base.config, untie, out_dtype)
-        return MergePlan(base, ad, plans, config, tied, untie, notes, readers)
+        config = _out_config(base.config, untie, out_dtype, resize.rows if resize is not None else None)
+        return MergePlan(base, ad, plans, config, tied, untie, notes, readers, vocab=resize)
     except BaseException:
         for r in readers.values():
             r.close()
@@ -261,13 +295,22 @@ def _hint_missing(e: Entry, targets: dict[str, Entry]) -> str:
     return f" (the base has e.g. {similar[0]!r}: a different model family or depth?)" if similar else " (wrong base?)"
 
 
-def _vocab_hint(e: Entry, want: Entry, emb_t: str | None, head_t: str | None) -> str:
-    if e.target in (emb_t, head_t) and len(e.shape) == 2 and len(want.shape) == 2 and e.shape[1] == want.shape[1]:
-        return " (resized vocabulary: merge onto the base with the resized embedding)"
-    return ""
+def _follow_tied(resize: VocabResize, emb_ops: _Ops, head_ops: _Ops) -> None:
+    """On a tied base, a side the adapter did not save follows the other's saved base layer (PEFT tied the
+    wrapped module's base layer to it in memory)."""
+    if resize.head is None and head_ops.replace is None:
+        head_ops.replace = emb_ops.replace
+    if resize.embed is None and emb_ops.replace is None:
+        emb_ops.replace = head_ops.replace
 
 
-def _plan_lora(module, roles, settings, base_entry, ops, problems, value, fmt, layout) -> None:
+def _vocab_note(resize: VocabResize) -> str:
+    how = "grown" if resize.grown else "shrunk"
+    return (f"vocabulary {how} from {resize.base_rows} to {resize.rows} rows: embedding and lm_head taken from the adapter, "
+            f"vocab_size set to {resize.rows}")
+
+
+def _plan_lora(module, roles, settings, shape_of, ops, problems, value, fmt, layout, base_entry) -> None:
     a = roles.get(Role.LORA_A) or roles.get(Role.EMB_A)
     b = roles.get(Role.LORA_B) or roles.get(Role.EMB_B)
     mag, bias_b = roles.get(Role.MAGNITUDE), roles.get(Role.LORA_BIAS)
@@ -281,8 +324,8 @@ def _plan_lora(module, roles, settings, base_entry, ops, problems, value, fmt, l
     if 0 in a.shape or 0 in b.shape or len(a.shape) < 2 or len(b.shape) < 2:
         return  # already reported
     target = a.target
-    w = base_entry(target)
-    if w is None:
+    w_shape = shape_of(target)
+    if w_shape is None:
         return  # already reported
     rank = a.shape[0]
     if b.shape[1] != rank and not a.param_wrapper:
@@ -298,7 +341,7 @@ def _plan_lora(module, roles, settings, base_entry, ops, problems, value, fmt, l
         else:
             raise AdapterConfigError(alpha_hint)
     if a.param_wrapper or b.param_wrapper:
-        op = plan_param_lora(a, b, w, settings, layout)
+        op = plan_param_lora(a, b, base_entry(target), settings, layout)
         if isinstance(op, str):
             problems.append((a.key, op))
         else:
@@ -308,26 +351,26 @@ def _plan_lora(module, roles, settings, base_entry, ops, problems, value, fmt, l
     fifo = False
     if a.role is Role.EMB_A:
         kind: mm.Kind = "embedding"
-        if len(w.shape) != 2 or a.shape != (rank, w.shape[0]) or b.shape != (w.shape[1], rank):
-            problems.append((a.key, f"embedding LoRA A {list(a.shape)} / B {list(b.shape)} does not fit the base {list(w.shape)}"))
+        if len(w_shape) != 2 or a.shape != (rank, w_shape[0]) or b.shape != (w_shape[1], rank):
+            problems.append((a.key, f"embedding LoRA A {list(a.shape)} / B {list(b.shape)} does not fit the base {list(w_shape)}"))
             return
-        out_features = w.shape[1]
+        out_features = w_shape[1]
     elif len(a.shape) == 2:
         kind = "linear"
-        f = mm.fan_in_fan_out_from_shape(w.shape, a.shape, b.shape, hint=bool(settings.fan_in_fan_out))
+        f = mm.fan_in_fan_out_from_shape(w_shape, a.shape, b.shape, hint=bool(settings.fan_in_fan_out))
         if f is None:
-            problems.append((a.key, f"LoRA A {list(a.shape)} / B {list(b.shape)} does not fit the base {list(w.shape)}"))
+            problems.append((a.key, f"LoRA A {list(a.shape)} / B {list(b.shape)} does not fit the base {list(w_shape)}"))
             return
         fifo, out_features = f, b.shape[0]
     else:
         kind = "conv"
-        if len(w.shape) != len(a.shape) or w.shape[0] != b.shape[0] or tuple(a.shape[2:]) != tuple(w.shape[2:]) or any(s != 1 for s in b.shape[2:]) or len(b.shape) != len(w.shape):
-            problems.append((a.key, f"conv LoRA A {list(a.shape)} / B {list(b.shape)} does not fit the base {list(w.shape)}"))
+        if len(w_shape) != len(a.shape) or w_shape[0] != b.shape[0] or tuple(a.shape[2:]) != tuple(w_shape[2:]) or any(s != 1 for s in b.shape[2:]) or len(b.shape) != len(w_shape):
+            problems.append((a.key, f"conv LoRA A {list(a.shape)} / B {list(b.shape)} does not fit the base {list(w_shape)}"))
             return
-        if a.shape[1] != w.shape[1]:
-            problems.append((a.key, f"conv LoRA A {list(a.shape)} on a grouped conv {list(w.shape)} (groups > 1 cannot be merged)"))
+        if a.shape[1] != w_shape[1]:
+            problems.append((a.key, f"conv LoRA A {list(a.shape)} on a grouped conv {list(w_shape)} (groups > 1 cannot be merged)"))
             return
-        out_features = w.shape[0]
+        out_features = w_shape[0]
     if mag is not None and math.prod(mag.shape) != out_features:
         problems.append((mag.key, f"DoRA magnitude {list(mag.shape)} does not fit {out_features} output features"))
         return
@@ -336,13 +379,13 @@ def _plan_lora(module, roles, settings, base_entry, ops, problems, value, fmt, l
     o.lora = op
     if bias_b is not None:
         bias_target = f"{module}.bias"
-        bw = base_entry(bias_target)
+        bw = shape_of(bias_target)
         if mag is not None:
             problems.append((bias_b.key, "lora_bias together with DoRA cannot be merged (PEFT refuses it too)"))
         elif bw is None:
             problems.append((bias_b.key, f"lora_B.bias but the base has no {bias_target!r}"))
-        elif tuple(bias_b.shape) != tuple(bw.shape):
-            problems.append((bias_b.key, f"shape {list(bias_b.shape)} but the base bias has {list(bw.shape)}"))
+        elif tuple(bias_b.shape) != tuple(bw):
+            problems.append((bias_b.key, f"shape {list(bias_b.shape)} but the base bias has {list(bw)}"))
         else:
             ops.setdefault(bias_target, _Ops()).bias_lora = BiasOp(bias_b, scaling)
 
@@ -379,17 +422,22 @@ def _same_effect(x: _Ops, y: _Ops, readers: dict[str, TensorReader], value) -> b
 def _tensor_plan(name: str, target: str, base_e: Entry, o: _Ops | None, out_dtype: torch.dtype | None) -> TensorPlan:
     src = o.replace if o is not None and o.replace is not None else base_e
     dt = out_dtype if out_dtype is not None and base_e.dtype.is_floating_point else base_e.dtype
-    tp = TensorPlan(name, target, tuple(base_e.shape), dt, src, replaced=src is not base_e)
+    tp = TensorPlan(name, target, tuple(src.shape), dt, src, replaced=src is not base_e)  # a resized vocab: the adapter's rows
     if o is not None:
         tp.lora, tp.bias_lora, tp.rows = o.lora, o.bias_lora, o.rows
     return tp
 
 
-def _out_config(config: dict | None, untie: bool, out_dtype: torch.dtype | None) -> dict | None:
+def _out_config(config: dict | None, untie: bool, out_dtype: torch.dtype | None, vocab_rows: int | None = None) -> dict | None:
     if config is None:
         return None
     cfg = copy.deepcopy(config)
     subs = [cfg] + [v for v in cfg.values() if isinstance(v, dict)]
+    if vocab_rows is not None:
+        cfg["vocab_size"] = vocab_rows
+        text = cfg.get("text_config")
+        if isinstance(text, dict):
+            text["vocab_size"] = vocab_rows
     if untie:
         cfg["tie_word_embeddings"] = False
         text = cfg.get("text_config")

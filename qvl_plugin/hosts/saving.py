@@ -267,14 +267,51 @@ def adapter_key(name: str, adapter_name: str = "default") -> str:
     return name.replace(f".{adapter_name}.", ".").removesuffix(f".{adapter_name}")
 
 
+def _base_vocab(model: nn.Module, base_path: str | Path | None) -> int | None:
+    """The vocabulary size of the base training started from (its config.json), when it can be read."""
+    cfg_dir = base_path or getattr(getattr(model, "peft_config", {}).get("default"), "base_model_name_or_path", None)
+    try:
+        cfg = json.loads((Path(cfg_dir) / "config.json").read_text()) if cfg_dir else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    v = text.get("vocab_size", cfg.get("vocab_size"))
+    return v if isinstance(v, int) else None
+
+
+def resized_embeddings(peft_model: nn.Module, base_path: str | Path | None) -> dict[str, torch.Tensor]:
+    """New tokens: when the embedding's rows differ from the base's vocabulary, the embedding and head tensors
+    (frozen base layers included) that a merge onto the ORIGINAL base needs; PEFT's own "auto" misses this for
+    VL configs (no top-level vocab_size). Empty when the vocabulary is the base's (or unknown)."""
+    model = unwrap_model(peft_model)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    inner = emb
+    for attr in ("token_adapter", "base_layer"):  # TrainableTokensWrapper / LoRA layer -> the nn.Embedding
+        if getattr(inner, attr, None) is not None:
+            inner = getattr(inner, attr)
+    w = getattr(inner, "weight", None)
+    rows = w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+    vocab = _base_vocab(model, base_path)
+    if rows is None or vocab is None or rows == vocab:
+        return {}
+    layers = [emb, model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None]
+    prefixes = tuple(f"{name}." for name, m in model.named_modules() if any(m is x for x in layers if x is not None))
+    return {k: v.detach() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+
+
 def write_adapter(peft_model: nn.Module, state_dict: dict[str, torch.Tensor], out: str | Path, *,
-                  adapter_name: str = "default", aliases: dict[str, list[str]] | None = None) -> Path:
+                  adapter_name: str = "default", aliases: dict[str, list[str]] | None = None,
+                  embeddings: dict[str, torch.Tensor] | None = None) -> Path:
     """PEFT's ``save_pretrained`` fed with the gathered state dict, into a temp dir, checked (every trainable
-    tensor present, none empty), then moved to ``out``."""
+    tensor present, none empty), then moved to ``out``. ``embeddings`` (a resized vocabulary, see
+    :func:`resized_embeddings`) are saved too, with ``save_embedding_layers=True``."""
     from safetensors import safe_open
 
     model = unwrap_model(peft_model)
-    full = dict(state_dict)
+    full = dict(embeddings or {})
+    full.update(state_dict)
     for name, others in (aliases or {}).items():
         for o in others:
             full.setdefault(o, state_dict[name])
@@ -282,7 +319,7 @@ def write_adapter(peft_model: nn.Module, state_dict: dict[str, torch.Tensor], ou
     tmp = _tmp_sibling(out)
     try:
         model.save_pretrained(str(tmp), state_dict=full, selected_adapters=[adapter_name], safe_serialization=True,
-                              is_main_process=True)
+                              is_main_process=True, save_embedding_layers=bool(embeddings) or "auto")
         src = tmp / adapter_name if (tmp / adapter_name).is_dir() and adapter_name != "default" else tmp
         weights = src / "adapter_model.safetensors"
         if not weights.is_file():
@@ -394,7 +431,8 @@ def _write(model, state_dict, directory: Path, formats, base_path, adapter_name:
     scratch = None if "adapter" in formats else Path(tempfile.mkdtemp(prefix=".adapter.", dir=directory))
     target = directory / ADAPTER_DIR if scratch is None else scratch / ADAPTER_DIR
     try:
-        adapter = write_adapter(model, state_dict, target, adapter_name=adapter_name, aliases=_aliases(model))
+        adapter = write_adapter(model, state_dict, target, adapter_name=adapter_name, aliases=_aliases(model),
+                                embeddings=resized_embeddings(model, base_path))
         if scratch is None:
             result.adapter = adapter
         if "merged" in formats:

@@ -143,8 +143,9 @@ def test_resized_vocabulary_against_the_base(qwen2_vl_base, tmp):
     resized.resize_token_embeddings(260, mean_resizing=False)
     _, adapter = make_adapter(resized, LoraConfig(r=4, lora_alpha=8, target_modules=QV, modules_to_save=["embed_tokens", "lm_head"]), tmp / "resized")
     f = audit(adapter, base=base)
-    sm = by_code(f, "shape-mismatch")
-    assert set(sm.keys) == {EMBED, HEAD} and "resized vocabulary 260" in sm.message
+    rv = by_code(f, "resized-vocab")
+    assert codes(f, "error") == set() and set(rv.keys) == {EMBED, HEAD} and "from 256 to 260 rows" in rv.message
+    assert "SRC ships no tokenizer" in rv.message
     assert codes(audit(adapter)) == {"vllm-incompatible"}  # header-only without a base: nothing to compare with
 
 
