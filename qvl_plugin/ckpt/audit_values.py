@@ -34,8 +34,8 @@ def _dora_noop(m: torch.Tensor, w: torch.Tensor, embedding: bool) -> bool:
 
 @torch.no_grad()
 def _merged_tie(ckpt: Checkpoint) -> list[Finding]:
-    """A merged model whose config ties embed and head but whose file holds two different matrices:
-    transformers re-ties on load and one of them is silently lost (peft#2777)."""
+    """A merged model whose config ties embed and head but whose file holds a different (trained) lm_head,
+    as LLaMA-Factory exports do (peft#2777). What loads depends on the loader, so it is an error."""
     layout = ckpt.layout
     if ckpt.tie_word_embeddings is not True or not layout.embedding or not layout.head:
         return []
@@ -45,9 +45,10 @@ def _merged_tie(ckpt: Checkpoint) -> list[Finding]:
         return []
     return [
         _finding(
-            "tied-weights",
-            "config.json ties the embedding and lm_head (tie_word_embeddings) but the file holds two different matrices: "
-            "transformers re-ties them on load and one is lost; set tie_word_embeddings=false (top level and text_config)",
+            "tied-config-mismatch",
+            "config.json ties the embedding and lm_head (tie_word_embeddings=true) but the file holds a different lm_head: "
+            "transformers 4.x re-ties lm_head to the embedding on load and the trained head is lost; transformers >= 5 "
+            "keeps both and logs it; set tie_word_embeddings=false (top level and text_config)",
             (emb.key, head.key),
         )
     ]

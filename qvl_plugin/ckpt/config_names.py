@@ -52,20 +52,31 @@ def map_regex(pattern: str, layout: Layout) -> str:
 
 
 def targets_match(cfg: Mapping, module: str) -> bool:
-    """PEFT's own decision whether ``target_modules`` (with exclusions, modules_to_save) wraps ``module``."""
-    from peft.tuners.tuners_utils import check_target_module_exists
+    """PEFT's decision whether ``target_modules`` (with exclusions, modules_to_save) wraps ``module``.
 
-    ns = SimpleNamespace(
-        target_modules=cfg.get("target_modules"),
-        target_parameters=cfg.get("target_parameters"),
-        exclude_modules=cfg.get("exclude_modules"),
-        modules_to_save=cfg.get("modules_to_save"),
-        layers_to_transform=cfg.get("layers_to_transform"),
-        layers_pattern=cfg.get("layers_pattern"),
-    )
-    if ns.target_modules is None:
+    The rules of peft 0.21 ``check_target_module_exists`` (tests/ckpt/test_config_names.py holds them equal):
+    importing PEFT costs seconds per command, so PEFT itself decides only where ``layers_to_transform`` is set.
+    """
+    targets = cfg.get("target_modules")
+    if targets is None:
         return False
-    return bool(check_target_module_exists(ns, module))
+    if cfg.get("layers_to_transform") not in (None, []):
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        keys = ("target_modules", "target_parameters", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern")
+        return bool(check_target_module_exists(SimpleNamespace(**{k: cfg.get(k) for k in keys}), module))
+    exc = cfg.get("exclude_modules")
+    if exc:
+        if isinstance(exc, str):
+            if re.fullmatch(exc, module):
+                return False
+        elif module in exc or any(module.endswith(f".{x}") for x in exc):
+            return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in cfg.get("modules_to_save") or ()):
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return module in targets or any(module.endswith(f".{t}") for t in targets)
 
 
 def mts_match(names: Iterable[str] | None, module: str) -> bool:
@@ -75,12 +86,10 @@ def mts_match(names: Iterable[str] | None, module: str) -> bool:
 
 def pattern_value(patterns: Mapping[str, float], module: str):
     """The rank/alpha pattern value PEFT's ``get_pattern_key`` picks for ``module`` (None: the default)."""
-    if not patterns:
-        return None
-    from peft.utils.other import get_pattern_key
-
-    key = get_pattern_key(list(patterns), module)
-    return patterns.get(key) if key in patterns else None
+    for key in patterns or ():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return None
 
 
 @dataclass

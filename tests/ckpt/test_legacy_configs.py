@@ -110,3 +110,37 @@ def test_legacy_regex_targets_are_mapped_or_made_exact(qwen2_vl_base, tmp_path):
     f.write_text(json.dumps({**json.loads(f.read_text()), "target_modules": r"model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"}))
     convert(make_dump(pm, tmp_path / "d.pth"), "peft", tmp_path / "p", adapter_config=f)
     assert (logits(_peft_from_pretrained(tmp_path / "p")) - logits(pm)).abs().max() < TOL
+
+
+# ----------------------------------------------------------------------------------------------------------
+# audit: target_modules must resolve on the model PEFT builds
+
+
+def test_audit_flags_legacy_targets_that_resolve_to_nothing(qwen2_vl_base, tmp_path):
+    from qvl_plugin.ckpt.audit import audit, audit_ok
+
+    model, base = qwen2_vl_base
+    _, adapter = legacy_adapter(model, tmp_path / "legacy")
+    for findings in (audit(adapter, base=base), audit(adapter)):  # audited clean before issue 11
+        bad = [f for f in findings if f.code == "unresolved-target"]
+        assert bad and all(f.severity == "error" for f in bad) and not audit_ok(findings)
+        assert any("model.language_model.layers.0.mlp.down_proj" in f.keys for f in bad)
+        assert any("NoMatchingPeftModuleError" in f.message for f in bad)
+    with pytest.raises(Exception, match="(?i)no modules were targeted|target"):  # the failure the finding predicts
+        _peft_from_pretrained(adapter)
+    _, fixed = make_adapter(model, legacy_lora_config(), tmp_path / "fixed")
+    assert not [f for f in audit(fixed, base=base) if f.code in ("unresolved-target", "unused-target")]
+
+
+def test_audit_warns_about_a_stray_target(qwen2_vl_base, tmp_path):
+    from qvl_plugin.ckpt.audit import audit
+
+    model, base = qwen2_vl_base
+    _, adapter = make_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), tmp_path / "a")
+    f = adapter / "adapter_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "target_modules": ["q_proj", "v_proj", "qkv_porj"]}))
+    [w] = [x for x in audit(adapter, base=base) if x.code == "unused-target"]
+    assert w.severity == "warning" and w.keys == ("qkv_porj",)
+    f.write_text(json.dumps({**json.loads(f.read_text()), "target_modules": ["qkv_porj"]}))
+    [e] = [x for x in audit(adapter, base=base) if x.code == "unresolved-target"]
+    assert e.severity == "error" and "match none" in e.message
