@@ -106,7 +106,9 @@ def value_checks(ckpt: Checkpoint, base_ckpt: Checkpoint | None) -> list[Finding
     if not ckpt.is_adapter:
         out += _merged_tie(ckpt)
         if base is not None and verdict and all(verdict.values()):
-            out.append(_finding("noop-adapter", f"every tensor equals the base {base_ckpt.path.name}: the merge (or training) had no effect"))
+            same = ckpt.path.resolve() == base_ckpt.path.resolve()
+            what = f"SRC is --base itself ({base_ckpt.path.name})" if same else f"every tensor equals --base ({base_ckpt.path.name})"
+            out.append(_finding("noop-adapter", f"{what}: the merge (or training) had no effect"))
         return out
     lora_zero = all(zero_factor.values())
     others = list(verdict.values())

@@ -8,6 +8,7 @@ error finding), 2 bad arguments.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import TYPE_CHECKING
@@ -82,7 +83,7 @@ def _trouble(ctx: click.Context, message: str) -> None:
 
 def _render_diff(r: "DiffReport", top: int) -> None:
     console.print(f"A: [bold]{escape(r.a)}[/bold]")
-    console.print(f"B: [bold]{escape(r.b)}[/bold]" + (f"  (base {escape(r.base)})" if r.base else ""))
+    console.print(f"B: [bold]{escape(r.b)}[/bold]" + (f"  (--base {escape(r.base)})" if r.base else ""))
     mode = {"adapter": "adapters by LoRA effect", "tensor": "tensors", "effective": "effective weights (base + adapter)"}[r.mode]
     console.print(f"compared as {mode}, atol {r.atol:g}")
     for n in r.notes:
@@ -116,10 +117,20 @@ def _render_diff(r: "DiffReport", top: int) -> None:
                 console.print(f"  {escape(x.name)} [dim]{x.kind} {_shape(x.shape_a if side == 'A' else x.shape_b)}[/dim]")
             if top and len(rows) > top:
                 console.print(f"  [dim]... {len(rows) - top} more[/dim]")
+    if r.config:
+        t = Table(show_edge=False, header_style="bold", title="config.json fields that change behaviour")
+        for col in ("field", "A", "B"):
+            t.add_column(col)
+        for c in r.config:
+            t.add_row(c.field, escape(json.dumps(c.a)), escape(json.dumps(c.b)))
+        console.print(t)
     if r.equal:
         console.print(f"[green]equal[/green]: {len(r.rows)} tensors within atol {r.atol:g}")
+    elif not changed:
+        console.print(f"[bold red]different[/bold red]: {len(r.rows)} tensors equal, {len(r.config)} config field(s) differ")
     else:
-        console.print(f"[bold red]different[/bold red]: {len(changed)} of {len(r.rows)} tensors differ")
+        extra = f"; {len(r.config)} config field(s) differ" if r.config else ""
+        console.print(f"[bold red]different[/bold red]: {len(changed)} of {len(r.rows)} tensors differ{extra}")
 
 
 @click.command()
@@ -142,7 +153,7 @@ def audit(ctx: click.Context, src: str, base: str | None, strict: bool, fmt: str
     if as_json:
         print_json({"findings": [f.to_dict() for f in findings], "ok": ok})
     else:
-        console.print(f"[bold]{escape(src)}[/bold]" + (f"  (base {escape(base)})" if base else ""))
+        console.print(f"[bold]{escape(src)}[/bold]" + (f"  (--base {escape(base)})" if base else ""))
         for f in findings:
             style = SEVERITY_STYLE.get(f.severity, "")
             console.print(f"[{style}]{f.severity}[/{style}] {f.code}: {escape(f.message)}")
