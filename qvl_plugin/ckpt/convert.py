@@ -157,11 +157,13 @@ def convert(
     lora_alpha: float | None = None,
     force: bool = False,
     check_load: bool = True,
+    base_name: str | None = None,
 ) -> ConvertReport:
     """Convert SRC (``.pth`` dump or PEFT dir) to ``to`` = ``"peft"`` or ``"pth"`` at OUT.
 
     With ``base`` and ``to="pth"``, the report also holds the result of loading the dump into
-    ``get_peft_model(base, config)`` on the meta device (unexpected keys must be none).
+    ``get_peft_model(base, config)`` on the meta device (unexpected keys must be none). ``base_name`` is
+    what ``base_model_name_or_path`` records (default: ``base``), e.g. the hub id a cached base came from.
     """
     if to not in ("peft", "pth"):
         raise UsageError(f"--to must be peft or pth, not {to!r}")
@@ -174,15 +176,15 @@ def convert(
             if errors:
                 raise AdapterConfigError(f"{ckpt.path.name}: {errors[0].message}")
             if to == "peft":
-                return _to_peft(ckpt, Path(out), src, base, force)
+                return _to_peft(ckpt, Path(out), src, base, force, base_name)
             return _to_pth(ckpt, Path(out), src, base, force, check_load)
     finally:
         if base_ckpt is not None:
             base_ckpt.close()
 
 
-def _to_peft(ckpt: Checkpoint, out: Path, src, base, force: bool) -> ConvertReport:
-    cfg = infer_adapter_config(ckpt, base)
+def _to_peft(ckpt: Checkpoint, out: Path, src, base, force: bool, base_name: str | None = None) -> ConvertReport:
+    cfg = infer_adapter_config(ckpt, base_name if base_name is not None else base)
     keys = [peft_key(e, ckpt.adapter) for e in ckpt.entries]
     dup = [k for k, n in Counter(keys).items() if n > 1]
     if dup:

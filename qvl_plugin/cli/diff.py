@@ -26,10 +26,11 @@ if TYPE_CHECKING:
     from ..ckpt.diff_report import DiffReport
 from .guard import fail
 from .render import SEVERITY_STYLE, console, print_json
+from .sources import download_option, resolve_all
 
 __all__ = ["diff", "audit"]
 
-_PATH = click.Path(exists=True, path_type=str)
+_PATH = str  # a path, run dir or hub id: resolved by .sources
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:
@@ -53,9 +54,10 @@ def _shape(s) -> str:
 @click.option("--adapter-config", type=click.Path(exists=True, dir_okay=False), help="adapter_config.json for a .pth dump (alpha, patterns).")
 @click.option("--lora-alpha", type=float, help="LoRA alpha for a .pth dump without a config.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@download_option
 @click.pass_context
 def diff(ctx: click.Context, a: str, b: str, base: str | None, atol: float, top: int, adapter_config: str | None,
-         lora_alpha: float | None, as_json: bool) -> None:
+         lora_alpha: float | None, as_json: bool, download: bool) -> None:
     """What changed from A to B (B is the reference), in canonical names.
 
     Exit 0 when equal within --atol, 1 when different, 2 on usage or input errors.
@@ -63,6 +65,7 @@ def diff(ctx: click.Context, a: str, b: str, base: str | None, atol: float, top:
     from ..ckpt.diff import diff_checkpoints  # torch: only when diffing
 
     try:
+        a, b, base = resolve_all(download, a, b, base)
         report = diff_checkpoints(a, b, base=base, atol=atol, adapter_config=adapter_config, lora_alpha=lora_alpha)
     except QvlError as e:
         _trouble(ctx, str(e))
@@ -141,13 +144,15 @@ def _render_diff(r: "DiffReport", top: int) -> None:
 @click.option("--adapter-config", type=click.Path(exists=True, dir_okay=False), help="adapter_config.json for a .pth dump (alpha, patterns).")
 @click.option("--lora-alpha", type=float, help="LoRA alpha for a .pth dump without a config.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"findings": [...], "ok": bool}.')
+@download_option
 @click.pass_context
 def audit(ctx: click.Context, src: str, base: str | None, strict: bool, fmt: str | None, adapter_config: str | None,
-          lora_alpha: float | None, as_json: bool) -> None:
+          lora_alpha: float | None, as_json: bool, download: bool) -> None:
     """Will SRC load and do what was trained? Findings with stable codes.
 
     Exit 1 when an error was found (with --strict, a warning too), 0 otherwise, 2 on usage errors.
     """
+    src, base = resolve_all(download, src, base)
     findings = run_audit(src, base=base, adapter_config=adapter_config, lora_alpha=lora_alpha, format=fmt)
     ok = audit_ok(findings, strict=strict)
     if as_json:
