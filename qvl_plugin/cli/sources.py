@@ -11,8 +11,8 @@ from rich.markup import escape
 
 from ..ckpt.adapter_config import load_adapter_config
 from ..ckpt.formats import detect_format
-from ..ckpt.sources import Source, resolve_source
-from ..errors import CheckpointError, UsageError
+from ..ckpt.sources import Source, parse_repo_id, resolve_source
+from ..errors import CheckpointError
 
 __all__ = ["download_option", "resolved", "resolve_all", "base_from_adapter", "say"]
 
@@ -30,6 +30,8 @@ def resolved(arg: str | None, download: bool = False) -> str | None:
     """The checkpoint path an argument names (None stays None); the resolution is reported on stderr."""
     if arg is None:
         return None
+    if not Path(arg).exists() and parse_repo_id(arg) is None:  # a mistyped path is a usage error (exit 2), as before
+        raise click.BadParameter(f"{arg}: no such file or directory (nor a hub id org/name[@revision])")
     src: Source = resolve_source(arg, download=download)
     if src.note:
         say(src.note)
@@ -47,10 +49,10 @@ def base_from_adapter(src: str, adapter_config: str | None, download: bool) -> s
         cfg = str(Path(src) / "adapter_config.json")
     name = load_adapter_config(cfg).base_model_name_or_path if cfg else None
     if not name:
-        raise UsageError("--base is required: the adapter names no base_model_name_or_path")
+        raise click.UsageError("--base is required: the adapter names no base_model_name_or_path")
     try:
         base = resolve_source(name, download=download)
     except CheckpointError as e:
-        raise UsageError(f"--base not given and the adapter's base_model_name_or_path does not resolve: {e}") from None
+        raise click.UsageError(f"--base not given and the adapter's base_model_name_or_path does not resolve: {e}") from None
     say(f"--base not given: using the adapter's base_model_name_or_path {name}" + (f" ({base.note})" if base.note else ""))
     return str(base.path)
