@@ -4,8 +4,8 @@ Header-only checks (shapes against the base, unmatched keys, empty tensors, tied
 run first; the checks that need values (NaN/Inf, no-op adapter) stream one tensor at a time. A file
 that cannot be parsed safely is itself a finding (``unreadable``), not a crash.
 
-Codes: unreadable, empty-tensor, nan-inf, shape-mismatch, unmatched-key, noop-adapter (errors);
-duplicate-key, strict-false-noop, tied-weights, missing-scaling, noop-lora (warnings); legacy-layout,
+Codes: unreadable, empty-tensor, nan-inf, shape-mismatch, unmatched-key, unresolved-target, noop-adapter
+(errors); unused-target, duplicate-key, strict-false-noop, tied-weights, missing-scaling, noop-lora (warnings); legacy-layout,
 vllm-incompatible (info). Findings the view itself reports (e.g. unprefixed-key) are passed through.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .audit_header import header_checks
+from .audit_targets import target_checks
 from .checksums import CHECKSUM_NAME, verify_manifest
 from .serve_audit import serving_audit
 from .findings import CODES, SEVERITY_RANK, audit_ok, few, finding, ordered
@@ -59,6 +60,7 @@ def audit(
             findings += _checksums(ckpt)
             findings += header_checks(ckpt, base_ckpt)
             findings += serving_audit(ckpt, serve)
+            findings += target_checks(ckpt, base_ckpt)
             from .audit_values import value_checks  # reads values: torch from here on
 
             findings += value_checks(ckpt, base_ckpt)

@@ -34,8 +34,8 @@ def _dora_noop(m: torch.Tensor, w: torch.Tensor, embedding: bool) -> bool:
 
 @torch.no_grad()
 def _merged_tie(ckpt: Checkpoint) -> list[Finding]:
-    """A merged model whose config ties embed and head but whose file holds two different matrices:
-    transformers re-ties on load and one of them is silently lost (peft#2777)."""
+    """A merged model whose config ties embed and head but whose file holds a different (trained) lm_head,
+    as LLaMA-Factory exports do (peft#2777). What loads depends on the loader, so it is an error."""
     layout = ckpt.layout
     if ckpt.tie_word_embeddings is not True or not layout.embedding or not layout.head:
         return []
@@ -45,9 +45,10 @@ def _merged_tie(ckpt: Checkpoint) -> list[Finding]:
         return []
     return [
         _finding(
-            "tied-weights",
-            "config.json ties the embedding and lm_head (tie_word_embeddings) but the file holds two different matrices: "
-            "transformers re-ties them on load and one is lost; set tie_word_embeddings=false (top level and text_config)",
+            "tied-config-mismatch",
+            "config.json ties the embedding and lm_head (tie_word_embeddings=true) but the file holds a different lm_head: "
+            "transformers 4.x re-ties lm_head to the embedding on load and the trained head is lost; transformers >= 5 "
+            "keeps both and logs it; set tie_word_embeddings=false (top level and text_config)",
             (emb.key, head.key),
         )
     ]
@@ -105,7 +106,9 @@ def value_checks(ckpt: Checkpoint, base_ckpt: Checkpoint | None) -> list[Finding
     if not ckpt.is_adapter:
         out += _merged_tie(ckpt)
         if base is not None and verdict and all(verdict.values()):
-            out.append(_finding("noop-adapter", f"every tensor equals the base {base_ckpt.path.name}: the merge (or training) had no effect"))
+            same = ckpt.path.resolve() == base_ckpt.path.resolve()
+            what = f"SRC is --base itself ({base_ckpt.path.name})" if same else f"every tensor equals --base ({base_ckpt.path.name})"
+            out.append(_finding("noop-adapter", f"{what}: the merge (or training) had no effect"))
         return out
     lora_zero = all(zero_factor.values())
     others = list(verdict.values())

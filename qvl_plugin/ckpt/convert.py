@@ -21,6 +21,7 @@ import torch
 from .declared import WAYS_OUT, undelivered
 from ..errors import AdapterConfigError, UsageError
 from .adapter_config import AdapterSettings
+from .config_names import map_config_names
 from .keys import PEFT_PREFIX, Role, lora_suffix
 from .merge_plan import open_adapter
 from .reader import TensorReader
@@ -113,6 +114,13 @@ def _wrapped_ranks(wrapped: list[Entry], base: str | Path | None) -> dict[str, i
     return out
 
 
+def _mapped_config(ckpt: Checkpoint) -> dict:
+    """The checkpoint's real adapter_config.json with every module name in the layout the keys are written in."""
+    lora = {e.module for e in ckpt.entries if e.role in _LORA}
+    full = {e.module for e in ckpt.entries if e.role is Role.FULL and not _via_base_layer(e) and e.module not in lora}
+    return map_config_names(ckpt.adapter.raw, ckpt.layout, lora, full).config
+
+
 def infer_adapter_config(ckpt: Checkpoint, base: str | Path | None = None) -> dict:
     """adapter_config.json for a dump: from ``--adapter-config`` when given, else inferred from the keys.
 
@@ -131,7 +139,7 @@ def infer_adapter_config(ckpt: Checkpoint, base: str | Path | None = None) -> di
     if tokens and (s is None or s.trainable_token_indices is None):
         raise AdapterConfigError("the dump has trainable-token rows but their indices live only in adapter_config.json: pass --adapter-config")
     if s is not None and s.raw.get("peft_type") is not None:  # a real adapter_config.json: keep it, fill the identity
-        cfg = dict(s.raw)
+        cfg = _mapped_config(ckpt)
         if s.lora_alpha is not None:
             cfg["lora_alpha"] = s.lora_alpha if not float(s.lora_alpha).is_integer() else int(s.lora_alpha)
     else:
@@ -179,11 +187,13 @@ def convert(
     lora_alpha: float | None = None,
     force: bool = False,
     check_load: bool = True,
+    base_name: str | None = None,
 ) -> ConvertReport:
     """Convert SRC (``.pth`` dump or PEFT dir) to ``to`` = ``"peft"`` or ``"pth"`` at OUT.
 
     With ``base`` and ``to="pth"``, the report also holds the result of loading the dump into
-    ``get_peft_model(base, config)`` on the meta device (unexpected keys must be none).
+    ``get_peft_model(base, config)`` on the meta device (unexpected keys must be none). ``base_name`` is
+    what ``base_model_name_or_path`` records (default: ``base``), e.g. the hub id a cached base came from.
     """
     if to not in ("peft", "pth"):
         raise UsageError(f"--to must be peft or pth, not {to!r}")
@@ -201,15 +211,15 @@ def convert(
                                          f"tokens but holds no weights for them (saved keeping only 'lora_' keys, like "
                                          f"Qwen-VL finetune.py); converting would carry the loss along. {WAYS_OUT}")
             if to == "peft":
-                return _to_peft(ckpt, Path(out), src, base, force)
+                return _to_peft(ckpt, Path(out), src, base, force, base_name)
             return _to_pth(ckpt, Path(out), src, base, force, check_load)
     finally:
         if base_ckpt is not None:
             base_ckpt.close()
 
 
-def _to_peft(ckpt: Checkpoint, out: Path, src, base, force: bool) -> ConvertReport:
-    cfg = infer_adapter_config(ckpt, base)
+def _to_peft(ckpt: Checkpoint, out: Path, src, base, force: bool, base_name: str | None = None) -> ConvertReport:
+    cfg = infer_adapter_config(ckpt, base_name if base_name is not None else base)
     keys = [peft_key(e, ckpt.adapter) for e in ckpt.entries]
     dup = [k for k, n in Counter(keys).items() if n > 1]
     if dup:
@@ -246,14 +256,13 @@ def _to_pth(ckpt: Checkpoint, out: Path, src, base, force: bool, check_load: boo
             sd[k] = reader.whole(e).clone()  # own storage: one key per tensor
     finally:
         reader.close()
+    cfg = _mapped_config(ckpt) if ckpt.adapter is not None and ckpt.adapter.raw.get("peft_type") else None
+    report = ConvertReport(out=out, to="pth", tensors=len(sd), config=cfg)
+    if base is not None and check_load and cfg is not None:  # before writing: a failing command leaves no output
+        report.load = load_report(set(sd), base, cfg)
     with atomic_file(out, [src, base], force) as tmp:
         with open(tmp, "wb") as f:  # a Python file object: a full disk surfaces as OSError, not torch's RuntimeError
             torch.save(sd, f)
-    report = ConvertReport(out=out, to="pth", tensors=len(sd))
-    cfg = ckpt.adapter.raw if ckpt.adapter is not None and ckpt.adapter.raw.get("peft_type") else None
-    report.config = cfg
-    if base is not None and check_load and cfg is not None:
-        report.load = load_report(set(sd), base, cfg)
     return report
 
 
@@ -279,7 +288,10 @@ def load_report(keys: set[str], base: str | Path, adapter_config: dict) -> dict 
         warnings.simplefilter("ignore")
         with torch.device("meta"):
             model = cls._from_config(cfg)
-        peft_model = get_peft_model(model, PeftConfig.from_peft_type(**peft_cfg))
+        try:
+            peft_model = get_peft_model(model, PeftConfig.from_peft_type(**peft_cfg))
+        except (ValueError, TypeError, KeyError) as e:  # PEFT's NoMatchingPeftModuleError is a ValueError
+            raise AdapterConfigError(f"get_peft_model({Path(base).name}, adapter config) fails: {str(e).splitlines()[0]}") from None
     state = set(peft_model.state_dict())
     unexpected = sorted(keys - state)
     params = {n for n, _ in peft_model.named_parameters()}  # one name per parameter: tied copies count once

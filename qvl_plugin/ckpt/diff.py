@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from .config_diff import config_changes
 from .diff_report import DiffReport, GroupDiff, TensorDiff, sort_key
 from .effect import LoraPair, effective_weight, expert_effect_stats, lora_effect_stats, lora_pairs, tensor_stats
 from .param_targets import wrapper_rank
@@ -342,7 +343,8 @@ def diff_checkpoints(
             mode = "effective"
             rows = _diff_effective(ca, cb, cbase, atol, notes)
         rows.sort(key=sort_key)
-        return DiffReport(str(ca.path), str(cb.path), str(cbase.path) if cbase else None, mode, atol, rows, notes)
+        config = config_changes(ca.config, cb.config) if not ca.is_adapter and not cb.is_adapter else []
+        return DiffReport(str(ca.path), str(cb.path), str(cbase.path) if cbase else None, mode, atol, rows, notes, config)
     finally:
         for c in opened:
             c.close()

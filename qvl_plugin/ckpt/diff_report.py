@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .config_diff import ConfigDiff
+
 __all__ = ["TensorDiff", "GroupDiff", "DiffReport", "sort_key"]
 
 _STRUCTURAL = ("only_a", "only_b", "shape")
@@ -128,9 +130,14 @@ class DiffReport:
     atol: float
     rows: list[TensorDiff]
     notes: list[str] = field(default_factory=list)
+    config: list[ConfigDiff] = field(default_factory=list)  # behaviour-changing config.json fields that differ
 
     @property
     def equal(self) -> bool:
+        return not self.config and all(r.equal for r in self.rows)
+
+    @property
+    def tensors_equal(self) -> bool:
         return all(r.equal for r in self.rows)
 
     @property
@@ -179,6 +186,7 @@ class DiffReport:
                 "only_a": len(self.only_a),
                 "only_b": len(self.only_b),
             },
+            "config": [c.to_dict() for c in self.config],
             "groups": [g.to_dict() for g in self.groups()],
             "rows": [r.to_dict() for r in shown],
             "notes": list(self.notes),

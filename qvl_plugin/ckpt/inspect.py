@@ -65,6 +65,13 @@ def lora_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
     }
 
 
+def _kind(ckpt: Checkpoint, e) -> str:
+    """An adapter tensor's role (lora_A, full, ...); a full model's tensors are all plain, so its parameter kind."""
+    if ckpt.is_adapter:
+        return e.role.value
+    return e.param if e.param in ("weight", "bias") else "other"
+
+
 def summarize(ckpt: Checkpoint) -> dict[str, Any]:
     """The ``inspect --json`` object. Never reads tensor data."""
     layout = ckpt.layout
@@ -74,7 +81,7 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         g["tensors"] += 1
         g["bytes"] += e.nbytes
         g["modules"].add(e.module)
-        g["roles"][e.role.value] += 1
+        g["roles"][_kind(ckpt, e)] += 1
         idx = layout.layer_index(e.module)
         if idx is not None:
             g["layers"].add(idx)
@@ -105,7 +112,7 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "num_tensors": len(ckpt.entries),
         "total_bytes": ckpt.total_bytes,
         "dtypes": dict(sorted(Counter(e.dtype_name for e in ckpt.entries).items())),
-        "roles": dict(sorted(Counter(e.role.value for e in ckpt.entries).items())),
+        "roles": dict(sorted(Counter(_kind(ckpt, e) for e in ckpt.entries).items())),
         "lora": lora_summary(ckpt) if ckpt.is_adapter else None,
         "modules_to_save": mts if ckpt.is_adapter else [],
         "trainable_token_indices": token_rows,

@@ -12,6 +12,7 @@ __all__ = ["main", "QvlGroup", "COMMANDS"]
 #: command -> "module:attribute" in this package, imported only when that command runs
 COMMANDS = {
     "inspect": "inspect:inspect",
+    "ls": "ls:ls",
     "diff": "diff:diff",
     "audit": "diff:audit",
     "merge": "merge:merge",

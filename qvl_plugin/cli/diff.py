@@ -8,6 +8,7 @@ error finding), 2 bad arguments.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import TYPE_CHECKING
@@ -26,10 +27,11 @@ if TYPE_CHECKING:
     from ..ckpt.diff_report import DiffReport
 from .guard import fail
 from .render import SEVERITY_STYLE, console, print_json
+from .sources import download_option, resolve_all
 
 __all__ = ["diff", "audit"]
 
-_PATH = click.Path(exists=True, path_type=str)
+_PATH = str  # a path, run dir or hub id: resolved by .sources
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:
@@ -53,9 +55,10 @@ def _shape(s) -> str:
 @click.option("--adapter-config", type=click.Path(exists=True, dir_okay=False), help="adapter_config.json for a .pth dump (alpha, patterns).")
 @click.option("--lora-alpha", type=float, help="LoRA alpha for a .pth dump without a config.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@download_option
 @click.pass_context
 def diff(ctx: click.Context, a: str, b: str, base: str | None, atol: float, top: int, adapter_config: str | None,
-         lora_alpha: float | None, as_json: bool) -> None:
+         lora_alpha: float | None, as_json: bool, download: bool) -> None:
     """What changed from A to B (B is the reference), in canonical names.
 
     Exit 0 when equal within --atol, 1 when different, 2 on usage or input errors.
@@ -63,6 +66,7 @@ def diff(ctx: click.Context, a: str, b: str, base: str | None, atol: float, top:
     from ..ckpt.diff import diff_checkpoints  # torch: only when diffing
 
     try:
+        a, b, base = resolve_all(download, a, b, base)
         report = diff_checkpoints(a, b, base=base, atol=atol, adapter_config=adapter_config, lora_alpha=lora_alpha)
     except QvlError as e:
         _trouble(ctx, str(e))
@@ -83,7 +87,7 @@ def _trouble(ctx: click.Context, message: str) -> None:
 
 def _render_diff(r: "DiffReport", top: int) -> None:
     console.print(f"A: [bold]{escape(r.a)}[/bold]")
-    console.print(f"B: [bold]{escape(r.b)}[/bold]" + (f"  (base {escape(r.base)})" if r.base else ""))
+    console.print(f"B: [bold]{escape(r.b)}[/bold]" + (f"  (--base {escape(r.base)})" if r.base else ""))
     mode = {"adapter": "adapters by LoRA effect", "tensor": "tensors", "effective": "effective weights (base + adapter)"}[r.mode]
     console.print(f"compared as {mode}, atol {r.atol:g}")
     for n in r.notes:
@@ -117,10 +121,20 @@ def _render_diff(r: "DiffReport", top: int) -> None:
                 console.print(f"  {escape(x.name)} [dim]{x.kind} {_shape(x.shape_a if side == 'A' else x.shape_b)}[/dim]")
             if top and len(rows) > top:
                 console.print(f"  [dim]... {len(rows) - top} more[/dim]")
+    if r.config:
+        t = Table(show_edge=False, header_style="bold", title="config.json fields that change behaviour")
+        for col in ("field", "A", "B"):
+            t.add_column(col)
+        for c in r.config:
+            t.add_row(c.field, escape(json.dumps(c.a)), escape(json.dumps(c.b)))
+        console.print(t)
     if r.equal:
         console.print(f"[green]equal[/green]: {len(r.rows)} tensors within atol {r.atol:g}")
+    elif not changed:
+        console.print(f"[bold red]different[/bold red]: {len(r.rows)} tensors equal, {len(r.config)} config field(s) differ")
     else:
-        console.print(f"[bold red]different[/bold red]: {len(changed)} of {len(r.rows)} tensors differ")
+        extra = f"; {len(r.config)} config field(s) differ" if r.config else ""
+        console.print(f"[bold red]different[/bold red]: {len(changed)} of {len(r.rows)} tensors differ{extra}")
 
 
 @click.command()
@@ -132,19 +146,21 @@ def _render_diff(r: "DiffReport", top: int) -> None:
 @click.option("--lora-alpha", type=float, help="LoRA alpha for a .pth dump without a config.")
 @click.option("--serve", type=click.Choice(serving_engines()), help="Also check what this serving engine refuses, ignores or limits.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"findings": [...], "ok": bool}.')
+@download_option
 @click.pass_context
 def audit(ctx: click.Context, src: str, base: str | None, strict: bool, fmt: str | None, adapter_config: str | None,
-          lora_alpha: float | None, serve: str | None, as_json: bool) -> None:
+          lora_alpha: float | None, serve: str | None, as_json: bool, download: bool) -> None:
     """Will SRC load and do what was trained? Findings with stable codes.
 
     Exit 1 when an error was found (with --strict, a warning too), 0 otherwise, 2 on usage errors.
     """
+    src, base = resolve_all(download, src, base)
     findings = run_audit(src, base=base, adapter_config=adapter_config, lora_alpha=lora_alpha, format=fmt, serve=serve)
     ok = audit_ok(findings, strict=strict)
     if as_json:
         print_json({"findings": [f.to_dict() for f in findings], "ok": ok})
     else:
-        console.print(f"[bold]{escape(src)}[/bold]" + (f"  (base {escape(base)})" if base else ""))
+        console.print(f"[bold]{escape(src)}[/bold]" + (f"  (--base {escape(base)})" if base else ""))
         for f in findings:
             style = SEVERITY_STYLE.get(f.severity, "")
             console.print(f"[{style}]{f.severity}[/{style}] {f.code}: {escape(f.message)}")

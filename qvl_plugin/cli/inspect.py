@@ -10,6 +10,7 @@ from ..ckpt.formats import FORMATS
 from ..ckpt.inspect import summarize
 from ..ckpt.view import open_checkpoint
 from .render import SEVERITY_STYLE, console, human_bytes, print_json
+from .sources import download_option, resolved
 
 __all__ = ["inspect"]
 
@@ -22,8 +23,10 @@ _GROUP_TITLES = {"embedding": "embedding", "head": "head", "language": "language
 @click.option("--adapter-config", type=click.Path(dir_okay=False), help="adapter_config.json for a .pth dump (alpha, patterns).")
 @click.option("--lora-alpha", type=float, help="LoRA alpha for a .pth dump without a config.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect(path: str, fmt: str | None, adapter_config: str | None, lora_alpha: float | None, as_json: bool) -> None:
-    """Show format, layout, LoRA settings, modules_to_save, sizes and findings of PATH."""
+@download_option
+def inspect(path: str, fmt: str | None, adapter_config: str | None, lora_alpha: float | None, as_json: bool, download: bool) -> None:
+    """Show format, layout, LoRA settings, modules_to_save, sizes and findings of PATH (file, dir, run dir, hub id)."""
+    path = resolved(path, download)
     with open_checkpoint(path, format=fmt, adapter_config=adapter_config, lora_alpha=lora_alpha) as ckpt:
         info = summarize(ckpt)
     if as_json:

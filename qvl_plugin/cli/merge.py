@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Callable, Iterator
 
 import click
@@ -12,6 +13,7 @@ from rich.table import Table
 from ..errors import UsageError
 from ..serving import engines as serving_engines
 from .render import console, human_bytes, print_json
+from .sources import base_from_adapter, download_option, resolve_all, resolved
 
 __all__ = ["merge", "convert", "extract"]
 
@@ -36,8 +38,8 @@ def _progress(label: str, enabled: bool, unit_bytes: bool = True) -> Iterator[Ca
 
 
 @click.command()
-@click.argument("src", type=click.Path(exists=True, path_type=str))
-@click.option("--base", required=True, type=click.Path(exists=True, path_type=str), help="Base model dir (HF, single file or sharded).")
+@click.argument("src", type=str)
+@click.option("--base", type=str, help="Base model (dir, run dir or hub id); default: the adapter's base_model_name_or_path when it resolves.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Output model dir (must not exist, see --force).")
 @click.option("--adapter-config", type=click.Path(exists=True, dir_okay=False), help="adapter_config.json for a .pth dump (alpha, patterns, rsLoRA).")
 @click.option("--lora-alpha", type=float, help="LoRA alpha for a .pth dump without a config (never guessed).")
@@ -48,11 +50,14 @@ def _progress(label: str, enabled: bool, unit_bytes: bool = True) -> Iterator[Ca
 @click.option("--serve", type=click.Choice(serving_engines()),
               help="Partial merge for this engine: OUT/base gets only what it cannot serve, OUT/adapter the LoRA it can.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, checksum, serve, as_json) -> None:
-    """Merge the adapter SRC (PEFT dir or .pth dump) into --base and write a plain HF model dir to -o.
+@download_option
+def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, checksum, serve, as_json, download) -> None:
+    """Merge the adapter SRC (PEFT dir, .pth dump, run dir or hub id) into --base and write a plain HF model dir to -o.
 
     Everything is validated before the first byte is written; tensors stream one at a time.
     """
+    src = resolved(src, download)
+    base = resolved(base, download) if base is not None else base_from_adapter(src, adapter_config, download)
     if serve is not None:
         if checksum:
             raise UsageError("--checksum is not supported with --serve")
@@ -105,7 +110,7 @@ def _partial(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, 
 
 
 @click.command()
-@click.argument("src", type=click.Path(exists=True, path_type=str))
+@click.argument("src", type=str)
 @click.option("--to", "to", required=True, type=click.Choice(["peft", "pth"]), help="Target format.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Output: a dir for peft, a .pth file for pth.")
 @click.option("--base", type=str, help="Base model (dir or hub id): base_model_name_or_path, and a load check for --to pth.")
@@ -113,11 +118,16 @@ def _partial(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, 
 @click.option("--lora-alpha", type=float, help="LoRA alpha for a .pth dump without a config (never guessed).")
 @click.option("--force", is_flag=True, help="Replace an existing OUT (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def convert(src, to, out, base, adapter_config, lora_alpha, force, as_json) -> None:
+@download_option
+def convert(src, to, out, base, adapter_config, lora_alpha, force, as_json, download) -> None:
     """Convert SRC between a .pth dump and a PEFT adapter dir (bit-exact both ways)."""
     from ..ckpt.convert import convert as convert_api  # torch: only when this command runs
 
-    report = convert_api(src, to, out, base=base, adapter_config=adapter_config, lora_alpha=lora_alpha, force=force)
+    base_name = base
+    src, base = resolve_all(download, src, base)
+    if base_name is not None and Path(base_name).exists():
+        base_name = base  # a local path (or run dir): the resolved checkpoint; a hub id stays the id
+    report = convert_api(src, to, out, base=base, base_name=base_name, adapter_config=adapter_config, lora_alpha=lora_alpha, force=force)
     if as_json:
         print_json(report.to_dict())
         return
@@ -148,17 +158,19 @@ def _rank(value: str) -> int | str:
 
 
 @click.command()
-@click.argument("merged", type=click.Path(exists=True, path_type=str))
-@click.option("--base", required=True, type=click.Path(exists=True, path_type=str), help="The base MERGED was made from.")
+@click.argument("merged", type=str)
+@click.option("--base", required=True, type=str, help="The base MERGED was made from (dir or hub id).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Output PEFT adapter dir.")
 @click.option("--rank", default="16", show_default=True, callback=lambda ctx, p, v: _rank(v), help="LoRA rank, or auto (see --energy).")
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True, help="With --rank auto: keep this share of Σσ².")
 @click.option("--force", is_flag=True, help="Replace an existing OUT (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def extract(merged, base, out, rank, energy, force, as_json) -> None:
+@download_option
+def extract(merged, base, out, rank, energy, force, as_json, download) -> None:
     """Extract MERGED - BASE as a PEFT adapter: truncated SVD per changed Linear, the rest as modules_to_save."""
     from ..ckpt.extract import extract as extract_api  # torch: only when this command runs
 
+    merged, base = resolve_all(download, merged, base)
     with _progress("extracting", not as_json, unit_bytes=False) as progress:
         report = extract_api(merged, base, out, rank=rank, energy=energy, force=force, progress=progress)
     if as_json:

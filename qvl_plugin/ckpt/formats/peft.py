@@ -10,7 +10,11 @@ from . import RawCheckpoint
 from .pth import tensors_from_state_dict
 from .safetensors_io import SafetensorsFile
 
-__all__ = ["read"]
+__all__ = ["read", "EXTRA_FULL_FILES"]
+
+#: Files next to the adapter whose tensors are part of it, as full replacements: ms-swift's ``lora_llm``
+#: tuner trains the ViT/aligner whole and saves them (PeftModel parameter names) to ``vit.safetensors``.
+EXTRA_FULL_FILES = ("vit.safetensors",)
 
 
 def read(path: Path) -> RawCheckpoint:
@@ -34,6 +38,29 @@ def read(path: Path) -> RawCheckpoint:
     else:
         tensors, notes = tensors_from_state_dict(safe_torch_load(weights), weights.name)
         close = lambda: None
-    return RawCheckpoint(
-        "peft", directory, tensors, [weights], adapter_config=adapter_config, notes=notes, close=close
-    )
+    files = [weights]
+    closers = [close]
+    try:
+        for name in EXTRA_FULL_FILES:
+            extra = directory / name
+            if not extra.is_file():
+                continue
+            g = SafetensorsFile(extra)
+            closers.append(g.close)
+            more = g.tensors()
+            clash = sorted({t.key for t in tensors} & {t.key for t in more})
+            if clash:
+                raise CheckpointError(f"{directory.name}: {name} and {weights.name} both hold {clash[0]!r}")
+            tensors = list(tensors) + list(more)
+            files.append(extra)
+            notes = list(notes) + [("extra-weights", "info", f"{len(more)} tensors from {name} (ms-swift lora_llm: fully trained ViT/aligner) read as full replacements", ())]
+    except BaseException:
+        for c in closers:
+            c()
+        raise
+
+    def close_all() -> None:
+        for c in closers:
+            c()
+
+    return RawCheckpoint("peft", directory, tensors, files, adapter_config=adapter_config, notes=notes, close=close_all)
