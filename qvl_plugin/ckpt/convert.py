@@ -118,7 +118,8 @@ def _mapped_config(ckpt: Checkpoint) -> dict:
     """The checkpoint's real adapter_config.json with every module name in the layout the keys are written in."""
     lora = {e.module for e in ckpt.entries if e.role in _LORA}
     full = {e.module for e in ckpt.entries if e.role is Role.FULL and not _via_base_layer(e) and e.module not in lora}
-    return map_config_names(ckpt.adapter.raw, ckpt.layout, lora, full).config
+    modules = {e.module for e in ckpt.entries if e.role in _LORA and not e.param_wrapper}  # target_parameters are not modules
+    return map_config_names(ckpt.adapter.raw, ckpt.layout, modules, full).config
 
 
 def infer_adapter_config(ckpt: Checkpoint, base: str | Path | None = None) -> dict:

@@ -48,7 +48,10 @@ def undelivered(ckpt: Checkpoint, base_modules: Iterable[str] | None = None) -> 
     tti = s.trainable_token_indices
     if tti:
         names = list(tti) if isinstance(tti, dict) else [m.rpartition(".")[2] for m in (ckpt.layout.embedding,) if m]
+        head, emb = ckpt.layout.head, ckpt.layout.embedding
         for name in names:
+            if head and _matches(name, head) and emb in rows:
+                continue  # a tied head shares the embedding's delta: PEFT saves it once, under the embedding
             if any(_matches(name, m) for m in modules) and not any(_matches(name, m) for m in rows):
                 missing.append(f"{name} (trainable tokens)")
     return missing

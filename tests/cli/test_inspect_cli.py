@@ -52,6 +52,9 @@ def test_bad_input_is_one_line_exit_1(tmp_path, make):
         target = tmp_path / "d"
         target.mkdir()
     res = run("inspect", target)
+    if make == "missing":  # a mistyped path is a usage error, as for every command (exit 2, the reason named)
+        assert res.exit_code == 2 and "no such file or directory" in res.stderr and res.stdout == ""
+        return
     assert res.exit_code == 1
     assert res.stdout == ""
     lines = res.stderr.strip().splitlines()
