@@ -121,3 +121,44 @@ def check_cmd(recipe: str, model_dir: Path, sets: tuple[str, ...], as_json: bool
                   f".pth dump: [bold]{human_bytes(report.pth_bytes)}[/]   formats: {', '.join(report.recipe.save)}")
     for s in report.suggestions:
         console.print(f"[yellow]suggestion:[/] {escape(s)}")
+
+
+@recipes.command("export")
+@click.argument("recipe")
+@click.option("--host", required=True, type=click.Choice(["llamafactory", "swift", "axolotl", "peft"]),
+              help="The trainer whose configuration to write.")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Model directory to resolve module names on (default: the family's default-size model).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a field (YAML value); repeatable.")
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json", "shell"]),
+              help="Output format (llamafactory: yaml|json, swift: shell|yaml|json, axolotl: yaml|json, peft: json).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE (atomically) instead of stdout.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--allow-approximate", is_flag=True, help="Write the export even where the host differs from the recipe.")
+def export_cmd(recipe: str, host: str, model_dir: Path | None, sets: tuple[str, ...], fmt: str | None, output: Path | None,
+               force: bool, allow_approximate: bool) -> None:
+    """Write RECIPE as HOST's own configuration (LLaMA-Factory YAML, ms-swift arguments, axolotl YAML, PEFT LoraConfig JSON).
+
+    Module names are resolved on MODEL_DIR and each host's matching rules are replayed on them. Whatever the
+    host cannot express exactly is printed (one line per difference) and nothing is written, exit 1,
+    unless --allow-approximate.
+    """
+    from ..recipes.export import export_recipe, model_index
+
+    resolved = _resolve(recipe, sets)
+    index = model_index(model_dir) if model_dir is not None else None
+    result = export_recipe(resolved, host, index, checked_on=str(model_dir) if model_dir is not None else None)
+    text = result.render(fmt)
+    for line in result.differences:
+        click.echo(f"{'warning' if allow_approximate else 'difference'}: {line}", err=True)
+    if result.differences and not allow_approximate:
+        raise RecipeError(f"recipe {resolved.name} cannot be exported exactly to {host} ({len(result.differences)} "
+                          "difference(s) above); nothing written (--allow-approximate writes it anyway)")
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    from ..ckpt.outputs import atomic_file
+
+    inputs = [model_dir] if model_dir is not None else []
+    with atomic_file(output, inputs, force) as tmp:
+        tmp.write_text(text)
