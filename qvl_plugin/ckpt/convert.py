@@ -30,7 +30,7 @@ from .outputs import atomic_file
 from .shards import TensorSpec, plan_shards
 from .writer import CheckpointWriter
 
-__all__ = ["ConvertReport", "convert", "peft_key", "memory_key", "infer_adapter_config", "load_report", "ADAPTER_NAME"]
+__all__ = ["ConvertReport", "convert", "peft_key", "memory_key", "infer_adapter_config", "load_report", "write_adapter_dir", "ADAPTER_NAME"]
 
 ADAPTER_NAME = "default"
 _LORA = (Role.LORA_A, Role.LORA_B, Role.LORA_BIAS, Role.EMB_A, Role.EMB_B, Role.MAGNITUDE)
@@ -221,26 +221,32 @@ def convert(
 
 def _to_peft(ckpt: Checkpoint, out: Path, src, base, force: bool, base_name: str | None = None) -> ConvertReport:
     cfg = infer_adapter_config(ckpt, base_name if base_name is not None else base)
-    keys = [peft_key(e, ckpt.adapter) for e in ckpt.entries]
+    n = write_adapter_dir(ckpt, ckpt.entries, cfg, out, [src, base], force=force)
+    notes = []
+    if ckpt.adapter is None or ckpt.adapter.raw.get("peft_type") is None:
+        notes.append("adapter_config.json inferred from the keys (targets and modules_to_save as exact module paths); use_rslora=false")
+    return ConvertReport(out=out, to="peft", tensors=n, config=cfg, notes=notes)
+
+
+def write_adapter_dir(ckpt: Checkpoint, entries: list[Entry], cfg: dict, out: Path, inputs, force: bool = False) -> int:
+    """Write ``entries`` of ``ckpt`` under their saved PEFT names plus ``cfg`` as a PEFT adapter dir (atomic)."""
+    keys = [peft_key(e, ckpt.adapter) for e in entries]
     dup = [k for k, n in Counter(keys).items() if n > 1]
     if dup:
         raise AdapterConfigError(f"two tensors map to the same PEFT key {dup[0]!r} (mixed layouts in one dump?)")
-    specs = [TensorSpec(k, e.shape, e.dtype) for k, e in zip(keys, ckpt.entries)]
+    specs = [TensorSpec(k, e.shape, e.dtype) for k, e in zip(keys, entries)]
     plan = plan_shards(specs, 1 << 62, filename="adapter_model.safetensors")
-    by_key = dict(zip(keys, ckpt.entries))
+    by_key = dict(zip(keys, entries))
     reader = TensorReader(ckpt)
     try:
-        with CheckpointWriter(out, plan, inputs=[src, base], force=force) as w:
+        with CheckpointWriter(out, plan, inputs=inputs, force=force) as w:
             for spec in plan.order:
                 w.write(spec.name, reader.whole(by_key[spec.name]).contiguous())
             w.write_json("adapter_config.json", cfg, sort_keys=True)
             w.commit()
     finally:
         reader.close()
-    notes = []
-    if ckpt.adapter is None or ckpt.adapter.raw.get("peft_type") is None:
-        notes.append("adapter_config.json inferred from the keys (targets and modules_to_save as exact module paths); use_rslora=false")
-    return ConvertReport(out=out, to="peft", tensors=len(specs), config=cfg, notes=notes)
+    return len(specs)
 
 
 def _to_pth(ckpt: Checkpoint, out: Path, src, base, force: bool, check_load: bool) -> ConvertReport:

@@ -23,19 +23,16 @@ from typing import Callable
 import torch
 
 from ..errors import AdapterConfigError
-from .convert import infer_adapter_config, peft_key
+from .convert import infer_adapter_config, write_adapter_dir
 from .keys import Role
 from .merge import MergeReport, merge, open_adapter, open_base
 from .outputs import check_output, install_dir, os_error_text, temp_dir_for
-from .reader import TensorReader
 from .serve_audit import baked_entries, serve_findings
-from .shards import TensorSpec, plan_shards
 from .view import Checkpoint, Entry, open_checkpoint
-from .writer import CheckpointWriter, WriteError
+from .writer import WriteError
 
 __all__ = ["PartialMergeReport", "partial_merge"]
 
-_ADAPTER_FILE = "adapter_model.safetensors"
 # adapter_config.json fields that describe what was baked: the leftover adapter must not claim them
 _CLEARED = {"modules_to_save": None, "trainable_token_indices": None, "use_dora": False, "lora_bias": False, "bias": "none"}
 
@@ -130,18 +127,4 @@ def partial_merge(
 
 
 def _write_adapter(ckpt: Checkpoint, kept: list[Entry], out: Path, final_base: Path, inputs) -> None:
-    cfg = _leftover_config(ckpt, kept, final_base)
-    keys = [peft_key(e, ckpt.adapter) for e in kept]
-    if len(set(keys)) != len(keys):
-        raise AdapterConfigError("two adapter tensors map to the same PEFT key (mixed layouts in one dump?)")
-    plan = plan_shards([TensorSpec(k, e.shape, e.dtype) for k, e in zip(keys, kept)], 1 << 62, filename=_ADAPTER_FILE)
-    by_key = dict(zip(keys, kept))
-    reader = TensorReader(ckpt)
-    try:
-        with CheckpointWriter(out, plan, inputs=inputs) as w:
-            for spec in plan.order:
-                w.write(spec.name, reader.whole(by_key[spec.name]).contiguous())
-            w.write_json("adapter_config.json", cfg, sort_keys=True)
-            w.commit()
-    finally:
-        reader.close()
+    write_adapter_dir(ckpt, kept, _leftover_config(ckpt, kept, final_base), out, inputs)
