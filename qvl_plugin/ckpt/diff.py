@@ -21,6 +21,7 @@ from .config_diff import config_changes
 from .diff_report import DiffReport, GroupDiff, TensorDiff, sort_key
 from .effect import LoraPair, effective_weight, expert_effect_stats, lora_effect_stats, lora_pairs, tensor_stats
 from .param_targets import wrapper_rank
+from .devices import resolve_device
 from .formats import detect_format
 from .view import Checkpoint, Entry, Role, open_checkpoint
 
@@ -210,8 +211,9 @@ class _Effective:
     """Effective weights of one side, one canonical tensor at a time: a merged model's own tensors, or
     base + this adapter's replacement / LoRA / DoRA / token rows applied (the merge math)."""
 
-    def __init__(self, ckpt: Checkpoint, base: Checkpoint, base_tensors: dict[str, Entry], scaling: _Scaling):
-        self.ckpt, self.base, self.base_tensors, self.scaling = ckpt, base, base_tensors, scaling
+    def __init__(self, ckpt: Checkpoint, base: Checkpoint, base_tensors: dict[str, Entry], scaling: _Scaling,
+                 device: torch.device = torch.device("cpu")):
+        self.ckpt, self.base, self.base_tensors, self.scaling, self.device = ckpt, base, base_tensors, scaling, device
         self.own = {e.target: e for e in ckpt.entries} if not ckpt.is_adapter else {}
         self.by_target = ckpt.by_target() if ckpt.is_adapter else {}
         self.pairs = lora_pairs(ckpt.entries) if ckpt.is_adapter else {}
@@ -258,13 +260,14 @@ class _Effective:
         module, _, param = target.rpartition(".")
         pair = self.pairs.get(f"{module}.weight") if param != "weight" else None
         return effective_weight(self._base_tensor(target), entries, scaling=self.scaling, settings=self.settings,
-                                bias_rank=pair.rank if pair else None)
+                                bias_rank=pair.rank if pair else None, device=self.device)
 
 
-def _diff_effective(a: Checkpoint, b: Checkpoint, base: Checkpoint, atol: float, notes: list[str]) -> list[TensorDiff]:
+def _diff_effective(a: Checkpoint, b: Checkpoint, base: Checkpoint, atol: float, notes: list[str],
+                    device: torch.device = torch.device("cpu")) -> list[TensorDiff]:
     base_tensors = {e.target: e for e in base.entries}
     sa, sb = _Scaling(a, b, "A", notes), _Scaling(b, a, "B", notes)
-    ea, eb = _Effective(a, base, base_tensors, sa), _Effective(b, base, base_tensors, sb)
+    ea, eb = _Effective(a, base, base_tensors, sa, device), _Effective(b, base, base_tensors, sb, device)
     if a.is_adapter and b.is_adapter:
         targets = ea.targets() | eb.targets()
     else:
@@ -318,14 +321,17 @@ def diff_checkpoints(
     atol: float = 0.0,
     adapter_config: str | Path | None = None,
     lora_alpha: float | None = None,
+    device: str | torch.device | None = "auto",
 ) -> DiffReport:
     """Compare A with B (B is the reference for relative change). Paths are opened and closed here.
 
-    ``adapter_config``/``lora_alpha`` apply to ``.pth`` inputs that lack LoRA settings. Raises
+    ``adapter_config``/``lora_alpha`` apply to ``.pth`` inputs that lack LoRA settings. ``device`` runs the
+    LoRA/DoRA products of effective weights (with ``base``; ``auto``: CUDA when present). Raises
     ``UsageError`` for comparisons that cannot be made (an adapter against a merged model without a base).
     """
     if atol < 0 or math.isnan(atol):
         raise UsageError(f"--atol must be >= 0, got {atol}")
+    dev = resolve_device(device)
     opened: list[Checkpoint] = []
     try:
         ca = _open_side(a, opened, adapter_config, lora_alpha)
@@ -341,7 +347,7 @@ def diff_checkpoints(
             rows = _diff_items(ca, cb, atol, notes)
         else:
             mode = "effective"
-            rows = _diff_effective(ca, cb, cbase, atol, notes)
+            rows = _diff_effective(ca, cb, cbase, atol, notes, dev)
         rows.sort(key=sort_key)
         config = config_changes(ca.config, cb.config) if not ca.is_adapter and not cb.is_adapter else []
         return DiffReport(str(ca.path), str(cb.path), str(cbase.path) if cbase else None, mode, atol, rows, notes, config)

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import CheckpointError
 from . import merge_math as mm
+from .devices import to_cpu, to_device
 from .pairs import LoraPair, lora_pairs
 from .view import Entry, Role
 
@@ -116,10 +117,12 @@ def effective_weight(
     scaling: Callable[[str, int | None], float],
     settings=None,
     bias_rank: int | None = None,
+    device: torch.device = torch.device("cpu"),
 ) -> torch.Tensor:
     """What one canonical tensor becomes under an adapter: the replacement (modules_to_save, saved bias or
     base_layer) first, then the LoRA/DoRA delta or the scaled lora bias, then trainable-token rows. The
-    arithmetic is :mod:`merge_math`'s (fp32, rounded once to the base tensor's dtype)."""
+    arithmetic is :mod:`merge_math`'s (fp32, rounded once to the base tensor's dtype). The LoRA/DoRA product
+    runs on ``device``; the result is on the CPU."""
     by_role = {e.role: e for e in entries}
     full = by_role.get(Role.FULL) or by_role.get(Role.BIAS)
     w = full.load() if full is not None else base
@@ -129,9 +132,9 @@ def effective_weight(
     a = by_role.get(Role.LORA_A) or by_role.get(Role.EMB_A)
     b = by_role.get(Role.LORA_B) or by_role.get(Role.EMB_B)
     if a is not None and b is not None:
-        fa, fb = a.load(), b.load()
+        fa, fb = to_device(a.load(), device), to_device(b.load(), device)
         if a.param_wrapper:
-            return _param_effective(w, fa, fb, a, scaling, out_dtype)
+            return to_cpu(_param_effective(to_device(w, device), fa, fb, a, scaling, out_dtype))
         s = scaling(a.source_module, fa.shape[0])
         if a.role is Role.EMB_A:
             kind, fifo = "embedding", False
@@ -143,10 +146,12 @@ def effective_weight(
             if fifo is None:
                 raise CheckpointError(f"{a.target}: LoRA factors {list(fa.shape)}, {list(fb.shape)} do not fit a tensor {list(w.shape)}")
         mag = by_role.get(Role.MAGNITUDE)
+        w = to_device(w, device)
         if mag is not None:
-            w = mm.merge_dora(w, fa, fb, mag.load(), s, kind=kind, fan_in_fan_out=fifo, out_dtype=out_dtype)
+            w = mm.merge_dora(w, fa, fb, to_device(mag.load(), device), s, kind=kind, fan_in_fan_out=fifo, out_dtype=out_dtype)
         else:
             w = mm.merge_lora(w, fa, fb, s, kind=kind, fan_in_fan_out=fifo, out_dtype=out_dtype)
+        w = to_cpu(w)
     lb = by_role.get(Role.LORA_BIAS)
     if lb is not None:
         w = mm.merge_lora_bias(w, lb.load(), scaling(lb.source_module, bias_rank), out_dtype=out_dtype)

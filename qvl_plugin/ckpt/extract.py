@@ -4,14 +4,19 @@ Changed Linear weights (and conv weights, as ``(out, in·k)`` matrices) become L
 in fp32 (``B = U·√S``, ``A = √S·Vᵀ``, scaling 1); a changed embedding or head, norm or other tensor is saved whole as
 ``modules_to_save``; changed biases of LoRA'd layers are saved as ``base_layer.bias``. Unchanged tensors
 are skipped. For each module the relative reconstruction error ``||ΔW - B·A||_F / ||ΔW||_F`` is
-reported; it is computed from the discarded singular values, so merging the adapter back reproduces the
-merged weights within it (plus the output dtype's rounding).
+reported; it is computed from the discarded singular values (exactly, from the factors, on the randomized
+path), so merging the adapter back reproduces the merged weights within it (plus the output dtype's rounding).
+
+Large matrices whose kept rank is known up front (a fixed ``--rank``, or ``--max-rank``) take a randomized
+truncated SVD (``torch.svd_lowrank``, seeded: reproducible) instead of the full one: O(out·in·q) instead of
+O(out·in·min(out, in)). ``--device`` runs the SVDs on a GPU when there is one.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..errors import CheckpointError, UsageError
+from .devices import resolve_device, to_device
 from .keys import PEFT_PREFIX
 from .merge_plan import open_base
 from .reader import TensorReader
@@ -29,7 +35,12 @@ from .writer import CheckpointWriter
 
 DUMMY_TARGET_MODULES = "dummy-target-modules"
 
-__all__ = ["ModuleError", "ExtractReport", "extract", "svd_factors", "choose_rank"]
+__all__ = ["ModuleError", "ExtractReport", "extract", "svd_factors", "choose_rank", "SVD_METHODS"]
+
+SVD_METHODS = ("auto", "exact", "lowrank")
+LOWRANK_MIN_DIM = 1024  # below this the full SVD is fast enough and exact
+OVERSAMPLE = 16         # extra columns of the randomized range finder (Halko et al.: 5-20)
+NITER = 4               # power iterations: spectra of fine-tuning deltas decay slowly
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,7 @@ class ModuleError:
     rank: int | None
     rel_error: float    # ||ΔW - B@A|| / ||ΔW|| (0 for full tensors)
     numel: int
+    svd: str | None = None  # exact | lowrank (LoRA modules)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -54,6 +66,8 @@ class ExtractReport:
     config: dict
     notes: list[str] = field(default_factory=list)
     copied: list[str] = field(default_factory=list)  # tokenizer files carried over (a resized vocabulary)
+    device: str = "cpu"
+    seconds: dict[str, float] = field(default_factory=dict)  # svd: the factorisations; total: the whole call
 
     @property
     def max_rel_error(self) -> float:
@@ -61,7 +75,8 @@ class ExtractReport:
 
     def to_dict(self) -> dict:
         return {"out": str(self.out), "modules": [m.to_dict() for m in self.modules], "unchanged": self.unchanged,
-                "max_rel_error": self.max_rel_error, "config": self.config, "notes": self.notes, "copied": self.copied}
+                "max_rel_error": self.max_rel_error, "config": self.config, "notes": self.notes, "copied": self.copied,
+                "device": self.device, "seconds": self.seconds}
 
 
 def choose_rank(singular_values: torch.Tensor, rank: int | str, energy: float) -> int:
@@ -77,18 +92,83 @@ def choose_rank(singular_values: torch.Tensor, rank: int | str, energy: float) -
     return max(1, min(n, int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype)).item()) + 1))
 
 
-def svd_factors(delta: torch.Tensor, rank: int | str = 16, energy: float = 0.99) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``delta (out, in)`` -> ``(A (r, in), B (out, r), rel_error)`` with ``B @ A`` the best rank-r fit."""
-    d = delta.float()
+def _cap(r: int, s: torch.Tensor, max_rank: int | None, sv_epsilon: float) -> int:
+    """Apply ``--max-rank`` and ``--sv-epsilon`` (singular values <= epsilon are dropped; at least rank 1)."""
+    if max_rank is not None:
+        r = min(r, max_rank)
+    if sv_epsilon > 0:
+        r = min(r, int((s > sv_epsilon).sum()))
+    return max(1, min(r, s.numel()))
+
+
+def _use_lowrank(shape: tuple[int, int], want: int | None, method: str) -> bool:
+    if method != "auto":
+        return method == "lowrank" and want is not None
+    small = min(shape)
+    return want is not None and small >= LOWRANK_MIN_DIM and want + OVERSAMPLE <= small // 4
+
+
+def svd_factors(delta: torch.Tensor, rank: int | str = 16, energy: float = 0.99, **kw) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``delta (out, in)`` -> ``(A (r, in), B (out, r), rel_error)``, ``B @ A`` the best rank-r fit (see :func:`_svd`)."""
+    return _svd(delta, rank, energy, **kw)[:3]
+
+
+def _svd(
+    delta: torch.Tensor,
+    rank: int | str = 16,
+    energy: float = 0.99,
+    *,
+    max_rank: int | None = None,
+    sv_epsilon: float = 0.0,
+    method: str = "auto",
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, float, str]:
+    """``delta (out, in)`` -> ``(A, B, rel_error, method used)``.
+
+    ``method``: ``exact`` (full SVD), ``lowrank`` (randomized, needs a known rank bound: a fixed rank or
+    ``max_rank``), ``auto`` (lowrank for large matrices when the bound is far below the size). A and B are
+    returned on the CPU.
+    """
+    dev = torch.device(device)
+    d = to_device(delta, dev).float()
+    want = (rank if rank != "auto" else None) if max_rank is None else (min(rank, max_rank) if rank != "auto" else max_rank)
+    if _use_lowrank(tuple(d.shape), want, method):
+        return _lowrank(d, rank, energy, want, sv_epsilon)
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    r = choose_rank(s, rank, energy)
+    r = _cap(choose_rank(s, rank, energy), s, max_rank, sv_epsilon)
     root = s[:r].sqrt()
-    b = (u[:, :r] * root).contiguous()
-    a = (root[:, None] * vh[:r]).contiguous()
+    b = (u[:, :r] * root).contiguous().cpu()
+    a = (root[:, None] * vh[:r]).contiguous().cpu()
     power = s.double() ** 2
     total = float(power.sum())
     err = math.sqrt(max(0.0, float(power[r:].sum())) / total) if total > 0 else 0.0
-    return a, b, err
+    return a, b, err, "exact"
+
+
+def _lowrank(d: torch.Tensor, rank: int | str, energy: float, want: int, sv_epsilon: float) -> tuple[torch.Tensor, torch.Tensor, float, str]:
+    """Randomized truncated SVD; the rank from the top singular values against the exact ``||ΔW||²``, and the
+    error measured on the factors, ``||ΔW - BA||`` in row chunks (the discarded σ are unknown here)."""
+    q = min(min(d.shape), want + OVERSAMPLE)
+    with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
+        torch.manual_seed(0)  # reproducible factors, the global RNG untouched
+        u, s, v = torch.svd_lowrank(d, q=q, niter=NITER)
+    total = sum(float(c.pow(2).sum(dtype=torch.float64)) for c in d.split(max(1, (1 << 22) // max(1, d.shape[1]))))
+    if rank == "auto":
+        kept = torch.cumsum(s.double() ** 2, 0) / total if total > 0 else torch.ones_like(s, dtype=torch.float64)
+        r = int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype, device=kept.device)).item()) + 1
+    else:
+        r = int(rank)
+    r = _cap(min(r, want), s, None, sv_epsilon)
+    root = s[:r].sqrt()
+    b = (u[:, :r] * root).contiguous()
+    a = (root[:, None] * v[:, :r].T).contiguous()
+    if total <= 0:
+        return a.cpu(), b.cpu(), 0.0, "lowrank"
+    step = max(1, (1 << 22) // max(1, d.shape[1]))  # the residual in row chunks: bounded memory, no cancellation
+    resid = sum(float(torch.addmm(d[i:i + step], b[i:i + step], a, alpha=-1.0).pow_(2).sum(dtype=torch.float64))
+                for i in range(0, d.shape[0], step))
+    err = math.sqrt(max(0.0, resid) / total)
+    return a.cpu(), b.cpu(), err, "lowrank"
 
 
 def _changed(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -102,10 +182,22 @@ def extract(
     *,
     rank: int | str = 16,
     energy: float = 0.99,
+    max_rank: int | None = None,
+    sv_epsilon: float = 0.0,
+    include: str | None = None,
+    exclude: str | None = None,
+    svd: str = "auto",
+    device: str | torch.device | None = "auto",
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ExtractReport:
-    """Write the PEFT adapter that turns BASE into MERGED (LoRA by SVD where it is a Linear)."""
+    """Write the PEFT adapter that turns BASE into MERGED (LoRA by SVD where it is a Linear).
+
+    ``max_rank`` caps every LoRA rank (and bounds the randomized SVD with ``rank="auto"``); ``sv_epsilon``
+    drops singular values at or below it; ``include``/``exclude`` are regexes (``re.search``) on module names:
+    modules left out are not read and not in the adapter (noted). ``svd``: auto | exact | lowrank.
+    """
+    t0 = time.perf_counter()
     if rank != "auto" and (not isinstance(rank, int) or rank < 1):
         try:
             rank = int(rank)
@@ -115,8 +207,43 @@ def extract(
             raise UsageError(f"--rank must be a positive number or 'auto', not {rank!r}")
     if not 0.0 < energy <= 1.0:
         raise UsageError(f"--energy must be in (0, 1], not {energy}")
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
+        raise UsageError(f"--max-rank must be a positive number, not {max_rank!r}")
+    if not sv_epsilon >= 0.0 or math.isinf(sv_epsilon):
+        raise UsageError(f"--sv-epsilon must be a finite number >= 0, not {sv_epsilon}")
+    if svd not in SVD_METHODS:
+        raise UsageError(f"--svd must be one of {', '.join(SVD_METHODS)}, not {svd!r}")
+    opts = _Options(rank, energy, max_rank, sv_epsilon, _regex(include, "--include"), _regex(exclude, "--exclude"), svd,
+                    resolve_device(device))
     with open_base(merged) as m_ckpt, open_base(base) as b_ckpt:
-        return _extract(m_ckpt, b_ckpt, Path(out), rank, energy, force, progress, merged, base)
+        report = _extract(m_ckpt, b_ckpt, Path(out), opts, force, progress, merged, base)
+    report.seconds["total"] = round(time.perf_counter() - t0, 4)
+    return report
+
+
+@dataclass
+class _Options:
+    rank: int | str
+    energy: float
+    max_rank: int | None
+    sv_epsilon: float
+    include: re.Pattern | None
+    exclude: re.Pattern | None
+    svd: str
+    device: torch.device
+    svd_seconds: float = 0.0
+
+    def wanted(self, module: str) -> bool:
+        return (self.include is None or self.include.search(module) is not None) and (self.exclude is None or self.exclude.search(module) is None)
+
+
+def _regex(pattern: str | None, option: str) -> re.Pattern | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"{option} {pattern!r} is not a valid regular expression: {e}") from None
 
 
 def _targets(ckpt: Checkpoint) -> dict[str, Entry]:
@@ -128,7 +255,7 @@ def _targets(ckpt: Checkpoint) -> dict[str, Entry]:
     return out
 
 
-def _extract(mc: Checkpoint, bc: Checkpoint, out: Path, rank, energy, force, progress, merged_path, base_path) -> ExtractReport:
+def _extract(mc: Checkpoint, bc: Checkpoint, out: Path, opts: _Options, force, progress, merged_path, base_path) -> ExtractReport:
     mt, bt = _targets(mc), _targets(bc)
     emb = f"{bc.layout.embedding}.weight" if bc.layout.embedding else None
     head = f"{bc.layout.head}.weight" if bc.layout.head else "lm_head.weight"
@@ -150,7 +277,7 @@ def _extract(mc: Checkpoint, bc: Checkpoint, out: Path, rank, energy, force, pro
 
     mr, br = TensorReader(mc), TensorReader(bc)
     try:
-        report = _run(mc, bc, mt, bt, mr, br, emb, head, out, rank, energy, force, progress, merged_path, base_path)
+        report = _run(mc, bc, mt, bt, mr, br, emb, head, out, opts, force, progress, merged_path, base_path)
         if rows is not None:
             report.notes.append(f"vocabulary resized from {bt[emb].shape[0]} to {rows} rows: embedding and lm_head saved "
                                 f"whole (modules_to_save) with {rows} rows" + (", MERGED's tokenizer files copied" if report.copied else ""))
@@ -170,7 +297,7 @@ def _resized_rows(shapes: list[str], mt: dict[str, Entry], bt: dict[str, Entry],
     return e[0]
 
 
-def _run(mc, bc, mt, bt, mr, br, emb, head, out, rank, energy, force, progress, merged_path, base_path) -> ExtractReport:
+def _run(mc, bc, mt, bt, mr, br, emb, head, out, opts: _Options, force, progress, merged_path, base_path) -> ExtractReport:
     specials = {t for t in (emb, head) if t}
     tensors: dict[str, torch.Tensor] = {}
     modules: list[ModuleError] = []
@@ -181,8 +308,14 @@ def _run(mc, bc, mt, bt, mr, br, emb, head, out, rank, energy, force, progress, 
     for target in mt:
         by_module.setdefault(target.rpartition(".")[0], []).append(target)
     total = len(by_module)
+    left_out = 0
     # one module at a time: its tensors are read once and released
     for n, (module, names) in enumerate(sorted(by_module.items())):
+        if not opts.wanted(module):
+            left_out += 1
+            if progress is not None:
+                progress(n + 1, total)
+            continue
         values = {t: mr.whole(mt[t]) for t in names}
         bases = {t: br.whole(bt[t]) for t in names}
         params = []
@@ -193,7 +326,7 @@ def _run(mc, bc, mt, bt, mr, br, emb, head, out, rank, energy, force, progress, 
             else:
                 unchanged += 1
         if params:
-            _one_module(module, sorted(params), names, values, bases, mt, specials, mc, rank, energy, tensors, modules, lora_modules, full_modules)
+            _one_module(module, sorted(params), names, values, bases, mt, specials, mc, opts, tensors, modules, lora_modules, full_modules)
         del values, bases
         if progress is not None:
             progress(n + 1, total)
@@ -212,13 +345,15 @@ def _run(mc, bc, mt, bt, mr, br, emb, head, out, rank, energy, force, progress, 
                 w.copy_file(f)
         w.commit()
     notes = []
+    if left_out:
+        notes.append(f"{left_out} module(s) left out by --include/--exclude (not read, not in the adapter)")
     if not lora_modules and not full_modules and not modules:
-        notes.append("MERGED equals BASE: the adapter is empty")
+        notes.append("MERGED equals BASE: the adapter is empty" if not left_out else "no selected module changed: the adapter is empty")
     return ExtractReport(out=Path(out).absolute(), modules=modules, unchanged=unchanged, config=cfg, notes=notes,
-                         copied=[f.name for f in copied])
+                         copied=[f.name for f in copied], device=str(opts.device), seconds={"svd": round(opts.svd_seconds, 4)})
 
 
-def _one_module(module, params, names, values, bases, mt, specials, mc, rank, energy, tensors, modules, lora_modules, full_modules) -> None:
+def _one_module(module, params, names, values, bases, mt, specials, mc, opts: _Options, tensors, modules, lora_modules, full_modules) -> None:
     w_t = f"{module}.weight"
     is_lora = (
         "weight" in params and w_t not in specials and len(mt[w_t].shape) >= 2 and mt[w_t].dtype.is_floating_point
@@ -226,8 +361,11 @@ def _one_module(module, params, names, values, bases, mt, specials, mc, rank, en
     )
     if is_lora:  # Linear (out, in), or ConvNd (out, in, *k) as the matrix (out, in·k)
         shape = tuple(mt[w_t].shape)
-        delta = (values[w_t].float() - bases[w_t].float()).reshape(shape[0], -1)
-        a, b, err = svd_factors(delta, rank, energy)
+        dev = opts.device
+        delta = (to_device(values[w_t], dev).float() - to_device(bases[w_t], dev).float()).reshape(shape[0], -1)
+        t0 = time.perf_counter()
+        a, b, err, how = _svd(delta, opts.rank, opts.energy, max_rank=opts.max_rank, sv_epsilon=opts.sv_epsilon, method=opts.svd, device=dev)
+        opts.svd_seconds += time.perf_counter() - t0
         del delta
         if len(shape) > 2:  # conv LoRA: A (r, in, *k), B (out, r, 1, ...)
             a = a.reshape((a.shape[0],) + shape[1:]).contiguous()
@@ -236,7 +374,7 @@ def _one_module(module, params, names, values, bases, mt, specials, mc, rank, en
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
         # a raw-parameter module (the MoE router) is no Linear: PEFT reaches it through target_parameters
         lora_modules[f"{module}.weight" if mc.layout.module_parameters(module) else module] = a.shape[0]
-        modules.append(ModuleError(module, "lora", a.shape[0], err, math.prod(mt[w_t].shape)))
+        modules.append(ModuleError(module, "lora", a.shape[0], err, math.prod(mt[w_t].shape), how))
         if "bias" in params:
             tensors[f"{PEFT_PREFIX}{module}.base_layer.bias"] = values[f"{module}.bias"].contiguous()
             modules.append(ModuleError(f"{module}.bias", "bias", None, 0.0, values[f"{module}.bias"].numel()))

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import CheckpointError
 from . import merge_math as mm
+from .devices import resolve_device, to_cpu, to_device
 from .merge_ops import MergeError, MergePlan, TensorPlan, delta_bound, parse_dtype
 from .merge_params import stream_param
 from .merge_plan import open_adapter, open_base, plan_merge
@@ -56,6 +57,7 @@ class MergeReport:
     skipped: list[str]
     notes: list[str]
     seconds: dict[str, float]
+    device: str = "cpu"  # where the LoRA/DoRA products ran
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -91,7 +93,13 @@ def _apply_rows(chunk: torch.Tensor, start: int, stop: int, rows: tuple[torch.Te
     return chunk
 
 
-def _execute(plan: MergePlan, w: CheckpointWriter, clock: _Clock, progress: Callable[[int, int], None] | None) -> None:
+def _factors(tp: TensorPlan, ar: TensorReader, device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensor's LoRA factors in fp32, on the device that runs the products."""
+    return {k: to_device(v, device) for k, v in tp.lora.load(ar).items()}
+
+
+def _execute(plan: MergePlan, w: CheckpointWriter, clock: _Clock, progress: Callable[[int, int], None] | None,
+             device: torch.device = torch.device("cpu")) -> None:
     br, ar = plan.readers["base"], plan.readers["adapter"]
     total = sum(math.prod(t.shape) * t.dtype.itemsize for t in plan.tensors)
     done = 0
@@ -107,24 +115,24 @@ def _execute(plan: MergePlan, w: CheckpointWriter, clock: _Clock, progress: Call
         if plain and src.dtype == tp.dtype and loc is not None:
             clock.run("copy", w.copy_range, tp.name, loc[0], loc[1], src.nbytes)
         elif tp.lora is not None and tp.lora.kind == "param":  # target_parameters: slices of experts
-            factors = clock.run("read", tp.lora.load, ar)
+            factors = clock.run("read", _factors, tp, ar, device)
             w.begin(tp.name)
             for chunk in stream_param(tp, reader, factors):
                 _finite_or_fail(tp, chunk)
                 clock.run("write", w.write_chunk, chunk)
             w.end()
         elif len(tp.shape) >= 2 and tp.bias_lora is None and (tp.lora is None or mm.streams_by_rows(tp.lora.kind, tp.lora.fan_in_fan_out, tp.lora.dora)):
-            factors = clock.run("read", tp.lora.load, ar) if tp.lora is not None else None
+            factors = clock.run("read", _factors, tp, ar, device) if tp.lora is not None else None
             w.begin(tp.name)
             for chunk in _stream(tp, reader, rows, factors, clock, buffers):
                 clock.run("write", w.write_chunk, chunk)
             w.end()
         else:
             t = clock.run("read", reader.whole, src)
-            factors = clock.run("read", tp.lora.load, ar) if tp.lora is not None else None
+            factors = clock.run("read", _factors, tp, ar, device) if tp.lora is not None else None
             bias = clock.run("read", ar.whole, tp.bias_lora.entry).float() if tp.bias_lora is not None else None
             t0 = time.perf_counter()
-            t = _whole(tp, t, rows, factors, bias)
+            t = _whole(tp, t, rows, factors, bias, device)
             _finite_or_fail(tp, t)
             clock.t["math"] += time.perf_counter() - t0
             clock.run("write", w.write, tp.name, t)
@@ -188,14 +196,16 @@ def _stream(tp: TensorPlan, reader: TensorReader, rows, factors, clock: _Clock, 
         yield chunk
 
 
-def _whole(tp: TensorPlan, t: torch.Tensor, rows, factors, bias) -> torch.Tensor:
+def _whole(tp: TensorPlan, t: torch.Tensor, rows, factors, bias, device: torch.device) -> torch.Tensor:
     op = tp.lora
     if op is not None:
         a, b = factors["a"], factors["b"]
+        t = to_device(t, device)  # the products run where the factors are; the result comes back
         if op.dora:
             t = mm.merge_dora(t, a, b, factors["m"], op.scaling, kind=op.kind, fan_in_fan_out=op.fan_in_fan_out, out_dtype=tp.dtype)
         else:
             t = mm.merge_lora(t, a, b, op.scaling, kind=op.kind, fan_in_fan_out=op.fan_in_fan_out, out_dtype=tp.dtype)
+        t = to_cpu(t)
     if tp.bias_lora is not None:
         t = mm.merge_lora_bias(t, bias, tp.bias_lora.scaling, out_dtype=tp.dtype)
     if t.dtype != tp.dtype:
@@ -217,13 +227,16 @@ def merge(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     checksum: bool = False,
+    device: str | torch.device | None = "auto",
 ) -> MergeReport:
     """Merge SRC (PEFT adapter dir or ``.pth`` dump) into BASE and write a loadable model dir to OUT.
 
     Validates everything first (nothing is written if any adapter entry does not fit), then streams.
-    ``progress(done_bytes, total_bytes)`` is called after each tensor.
+    ``progress(done_bytes, total_bytes)`` is called after each tensor. ``device`` runs the LoRA/DoRA
+    products (``auto``: CUDA when present; see :mod:`devices` for how its bits relate to the CPU's).
     """
     t_start = time.perf_counter()
+    dev = resolve_device(device)
     src_path = src.path if isinstance(src, Checkpoint) else src  # an opened (e.g. filtered) adapter: merge --serve
     out = check_output(out, [src_path, base], force)
     plan = plan_merge(src, base, adapter_config=adapter_config, lora_alpha=lora_alpha, dtype=dtype)
@@ -239,7 +252,7 @@ def merge(
             files = [f for f in files if f.name != "config.json"]  # written from the plan (tie flag, dtype)
         clock = _Clock()
         with CheckpointWriter(out, shard_plan, inputs=[src_path, base], force=force, checksum=checksum) as w:
-            _execute(plan, w, clock, progress)
+            _execute(plan, w, clock, progress, dev)
             for f in files:
                 w.copy_file(f)
             if rewrite_config:
@@ -261,5 +274,6 @@ def merge(
             skipped=skipped,
             notes=plan.notes + vocab_notes + ([] if plan.config is not None else ["the base has no config.json: OUT holds weights only"]),
             seconds={k: round(v, 4) for k, v in seconds.items()},
+            device=str(dev),
         )
 

@@ -299,6 +299,8 @@ def lora_rows(
     shape = (rows,) + tuple(weight_rows.shape[1:])
     n = rows * (math.prod(shape[1:]) if len(shape) > 1 else 1)
     res = out.view(-1)[:n].view(shape) if out is not None else torch.empty(shape, dtype=out_dtype)
+    if a.device != weight_rows.device:  # factors on an accelerator (--device cuda): the same steps there
+        return res.copy_(_rows_on(a.device, weight_rows, start, stop, a, b, scaling, kind, fan_in_fan_out, out_dtype))
     if kind == "linear" and not fan_in_fan_out:
         delta = torch.mm(b[start:stop], a, out=work.view(-1)[:n].view(shape)) if work is not None else torch.mm(b[start:stop], a)
         delta.mul_(scaling)
@@ -316,3 +318,16 @@ def lora_rows(
         res.add_(weight_rows)  # ... then adds in that dtype
         return res
     return torch.add(delta, weight_rows, out=res)
+
+
+def _rows_on(device: torch.device, weight_rows: torch.Tensor, start: int, stop: int, a: torch.Tensor, b: torch.Tensor,
+             scaling: float, kind: Kind, fan_in_fan_out: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`lora_rows` with the factors on ``device``: the chunk goes there, the same operation sequence
+    runs there (fp32 delta, one rounding; the embedding's delta rounded first), the result is on ``device``."""
+    w = weight_rows.to(device)
+    if kind == "linear" and not fan_in_fan_out:
+        return torch.mm(b[start:stop], a).mul_(scaling).add_(w.float()).to(out_dtype)
+    delta = torch.mm(b, a[:, start:stop]).mul_(scaling).T
+    if kind == "embedding" and out_dtype != torch.float32:
+        return delta.to(out_dtype).add_(w)
+    return torch.add(delta, w).to(out_dtype)

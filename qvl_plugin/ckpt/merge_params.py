@@ -19,6 +19,7 @@ import torch
 from ..layouts import Layout
 from . import merge_math as mm
 from .adapter_config import AdapterSettings
+from .devices import to_cpu
 from .merge_ops import LoraOp, TensorPlan
 from .reader import CHUNK_ELEMENTS, TensorReader
 from .view import Entry
@@ -65,14 +66,14 @@ def stream_param(tp: TensorPlan, reader: TensorReader, factors: dict[str, torch.
     op = tp.lora
     if op.experts == 1:
         w = reader.whole(tp.source)
-        yield mm.merge_param(w, mm.param_delta(factors["a"], factors["b"], op.scaling, 1), tp.dtype)
+        yield mm.merge_param(w, to_cpu(mm.param_delta(factors["a"], factors["b"], op.scaling, 1)), tp.dtype)
         return
     step = chunk_experts or _experts_per_chunk(tp.shape)
     buf = torch.empty(step * math.prod(tp.shape[1:]) * tp.source.dtype.itemsize, dtype=torch.uint8)  # reused reads
     for start in range(0, op.experts, step):
         stop = min(op.experts, start + step)
         w = reader.rows(tp.source, start, stop, buf)
-        delta = mm.param_delta(factors["a"], factors["b"], op.scaling, op.experts, start=start, stop=stop, in_out=op.in_out)
+        delta = to_cpu(mm.param_delta(factors["a"], factors["b"], op.scaling, op.experts, start=start, stop=stop, in_out=op.in_out))
         if op.transposed:
             delta = delta.transpose(1, 2)
         yield mm.merge_param(w, delta, tp.dtype).contiguous()

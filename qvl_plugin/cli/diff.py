@@ -54,11 +54,13 @@ def _shape(s) -> str:
 @click.option("--top", type=click.IntRange(min=0), default=20, show_default=True, help="Show the N largest changes (0 = all).")
 @click.option("--adapter-config", type=click.Path(exists=True, dir_okay=False), help="adapter_config.json for a .pth dump (alpha, patterns).")
 @click.option("--lora-alpha", type=float, help="LoRA alpha for a .pth dump without a config.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="With --base: where the LoRA/DoRA products run (auto = cuda when torch sees a GPU, else cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @download_option
 @click.pass_context
 def diff(ctx: click.Context, a: str, b: str, base: str | None, atol: float, top: int, adapter_config: str | None,
-         lora_alpha: float | None, as_json: bool, download: bool) -> None:
+         lora_alpha: float | None, device: str, as_json: bool, download: bool) -> None:
     """What changed from A to B (B is the reference), in canonical names.
 
     Exit 0 when equal within --atol, 1 when different, 2 on usage or input errors.
@@ -67,7 +69,7 @@ def diff(ctx: click.Context, a: str, b: str, base: str | None, atol: float, top:
 
     try:
         a, b, base = resolve_all(download, a, b, base)
-        report = diff_checkpoints(a, b, base=base, atol=atol, adapter_config=adapter_config, lora_alpha=lora_alpha)
+        report = diff_checkpoints(a, b, base=base, atol=atol, adapter_config=adapter_config, lora_alpha=lora_alpha, device=device)
     except QvlError as e:
         _trouble(ctx, str(e))
     except Exception as e:  # pragma: no cover - a bug; still "trouble", never "different"

@@ -18,6 +18,11 @@ from .sources import base_from_adapter, download_option, resolve_all, resolved
 __all__ = ["merge", "convert", "extract"]
 
 _DTYPES = click.Choice(["auto", "bf16", "fp16", "fp32"])
+_DEVICE_HELP = "Where the LoRA/DoRA products run: auto = cuda when torch sees a GPU, else cpu."
+
+
+def _device_option(help_text: str = _DEVICE_HELP):
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help=help_text)
 
 
 @contextlib.contextmanager
@@ -49,13 +54,17 @@ def _progress(label: str, enabled: bool, unit_bytes: bool = True) -> Iterator[Ca
 @click.option("--checksum", is_flag=True, help="Also write a SHA256SUMS manifest into OUT.")
 @click.option("--serve", type=click.Choice(serving_engines()),
               help="Partial merge for this engine: OUT/base gets only what it cannot serve, OUT/adapter the LoRA it can.")
+@_device_option(_DEVICE_HELP + " Bit-identical to PEFT on cpu; on cuda within 1 ulp of the output dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @download_option
-def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, checksum, serve, as_json, download) -> None:
+def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, checksum, serve, device, as_json, download) -> None:
     """Merge the adapter SRC (PEFT dir, .pth dump, run dir or hub id) into --base and write a plain HF model dir to -o.
 
     Everything is validated before the first byte is written; tensors stream one at a time.
     """
+    from ..ckpt.devices import resolve_device  # torch: only when this command runs
+
+    dev = resolve_device(device)  # `--device cuda` without a GPU: one error line before anything else
     src = resolved(src, download)
     base = resolved(base, download) if base is not None else base_from_adapter(src, adapter_config, download)
     if serve is not None:
@@ -67,7 +76,7 @@ def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, for
 
     with _progress("merging", not as_json) as progress:
         report = merge_api(src, base, out, adapter_config=adapter_config, lora_alpha=lora_alpha, dtype=dtype,
-                           max_shard_size=max_shard_size, force=force, progress=progress, checksum=checksum)
+                           max_shard_size=max_shard_size, force=force, progress=progress, checksum=checksum, device=dev)
     if as_json:
         print_json(report.to_dict())
         return
@@ -82,7 +91,7 @@ def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, for
     s = report.seconds
     console.print(
         f"time {s['total']:.2f}s (plan {s['plan']:.2f}, read {s['read']:.2f}, math {s['math']:.2f}, write {s['write']:.2f}, "
-        f"copy {s['copy']:.2f}, verify+rename {s['commit']:.2f})"
+        f"copy {s['copy']:.2f}, verify+rename {s['commit']:.2f}) on {report.device}"
     )
     if report.copied_files:
         console.print("copied: " + ", ".join(report.copied_files))
@@ -163,29 +172,39 @@ def _rank(value: str) -> int | str:
 @click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Output PEFT adapter dir.")
 @click.option("--rank", default="16", show_default=True, callback=lambda ctx, p, v: _rank(v), help="LoRA rank, or auto (see --energy).")
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True, help="With --rank auto: keep this share of Σσ².")
+@click.option("--max-rank", type=click.IntRange(min=1), help="Cap every rank; with --rank auto it also allows the randomized SVD.")
+@click.option("--sv-epsilon", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Drop singular values <= this (absolute).")
+@click.option("--include", metavar="REGEX", help="Only modules whose name matches (re.search).")
+@click.option("--exclude", metavar="REGEX", help="Leave out modules whose name matches (re.search).")
+@click.option("--svd", type=click.Choice(["auto", "exact", "lowrank"]), default="auto", show_default=True,
+              help="auto: randomized truncated SVD (torch.svd_lowrank) for large matrices with a known rank bound, else exact.")
+@_device_option("Where the SVDs run: auto = cuda when torch sees a GPU, else cpu.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @download_option
-def extract(merged, base, out, rank, energy, force, as_json, download) -> None:
+def extract(merged, base, out, rank, energy, max_rank, sv_epsilon, include, exclude, svd, device, force, as_json, download) -> None:
     """Extract MERGED - BASE as a PEFT adapter: truncated SVD per changed Linear, the rest as modules_to_save."""
-    from ..ckpt.extract import extract as extract_api  # torch: only when this command runs
+    from ..ckpt.devices import resolve_device  # torch: only when this command runs
+    from ..ckpt.extract import extract as extract_api
 
+    dev = resolve_device(device)
     merged, base = resolve_all(download, merged, base)
     with _progress("extracting", not as_json, unit_bytes=False) as progress:
-        report = extract_api(merged, base, out, rank=rank, energy=energy, force=force, progress=progress)
+        report = extract_api(merged, base, out, rank=rank, energy=energy, max_rank=max_rank, sv_epsilon=sv_epsilon, include=include,
+                             exclude=exclude, svd=svd, device=dev, force=force, progress=progress)
     if as_json:
         print_json(report.to_dict())
         return
     table = Table(show_edge=False, header_style="bold")
-    for col in ("module", "stored as", "rank", "rel. error"):
-        table.add_column(col, justify="left" if col in ("module", "stored as") else "right")
+    for col in ("module", "stored as", "rank", "rel. error", "svd"):
+        table.add_column(col, justify="left" if col in ("module", "stored as", "svd") else "right")
     for m in report.modules:
-        table.add_row(m.module, m.kind, str(m.rank or ""), f"{m.rel_error:.2e}" if m.kind == "lora" else "exact")
+        table.add_row(m.module, m.kind, str(m.rank or ""), f"{m.rel_error:.2e}" if m.kind == "lora" else "exact", m.svd or "")
     console.print(table)
     console.print(
         f"wrote [bold green]{report.out}[/bold green]: {sum(m.kind == 'lora' for m in report.modules)} LoRA, "
         f"{sum(m.kind != 'lora' for m in report.modules)} full/bias, {report.unchanged} tensors unchanged; "
-        f"max relative error {report.max_rel_error:.2e}"
+        f"max relative error {report.max_rel_error:.2e}; {report.seconds.get('total', 0):.2f}s (SVD {report.seconds.get('svd', 0):.2f}s on {report.device})"
     )
     for note in report.notes:
         console.print(f"[yellow]note[/yellow] {note}")

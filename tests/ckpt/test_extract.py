@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
-from qvl_plugin.ckpt.extract import choose_rank, extract, svd_factors
+from qvl_plugin.ckpt.extract import _svd, choose_rank, extract, svd_factors
 from qvl_plugin.ckpt.merge import merge
 from qvl_plugin.errors import CheckpointError, UsageError
 from tests.factories import ADAPTER_VARIANTS, build_model, logits, make_adapter
@@ -107,3 +107,46 @@ def test_rank_choice_and_svd_factors():
     torch.testing.assert_close(b @ a, delta, atol=1e-4, rtol=1e-4)
     a, b, err = svd_factors(delta, 1)
     assert abs(((b @ a - delta).norm() / delta.norm()).item() - err) < 1e-4
+
+
+def _low_rank_plus_noise(rows=1100, cols=1300, rank=8, noise=1e-3):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(rows, rank, generator=g) @ torch.randn(rank, cols, generator=g) + noise * torch.randn(rows, cols, generator=g)
+
+
+def test_randomized_svd_on_large_matrices():
+    delta = _low_rank_plus_noise()
+    a, b, err, how = _svd(delta, 8)
+    assert how == "lowrank" and a.shape == (8, 1300) and b.shape == (1100, 8)
+    actual = ((b @ a - delta).norm() / delta.norm()).item()
+    _, _, exact_err, exact = _svd(delta, 8, method="exact")
+    assert exact == "exact" and abs(actual - err) < 1e-5 and abs(err - exact_err) < 1e-5  # the reported error is the true one
+    again = _svd(delta, 8)
+    assert torch.equal(again[0], a) and torch.equal(again[1], b)  # seeded: reproducible
+    # rank auto needs a bound for the randomized path: --max-rank gives it
+    assert _svd(delta, "auto", 0.99)[3] == "exact"
+    a, _, err, how = _svd(delta, "auto", 0.999, max_rank=32)
+    assert how == "lowrank" and a.shape[0] == 8 and err < 1e-3
+    # --sv-epsilon drops the noise's singular values on both paths, --max-rank caps
+    for method in ("lowrank", "exact"):
+        assert _svd(delta, 20, sv_epsilon=1.0, method=method)[0].shape[0] == 8
+        assert _svd(delta, 20, max_rank=3, method=method)[0].shape[0] == 3
+    small = _low_rank_plus_noise(100, 90)
+    assert _svd(small, 8)[3] == "exact"  # small matrices: the exact SVD
+
+
+def test_include_exclude_max_rank(merged_tied, tmp_path):
+    _, base, merged = merged_tied
+    report = extract(merged, base, tmp_path / "x", rank=4, max_rank=2, include=r"language_model\.layers\.0\.", exclude=r"mlp")
+    mods = {m.module for m in report.modules}
+    assert mods and all(".layers.0." in m and "mlp" not in m for m in mods)
+    assert {m.rank for m in report.modules} == {2} and any("left out" in n for n in report.notes)
+    cfg = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["modules_to_save"] is None
+    with pytest.raises(UsageError, match="--include"):
+        extract(merged, base, tmp_path / "y", include="(")
+    with pytest.raises(UsageError, match="--max-rank"):
+        extract(merged, base, tmp_path / "y", max_rank=0)
+    with pytest.raises(UsageError, match="--sv-epsilon"):
+        extract(merged, base, tmp_path / "y", sv_epsilon=-1.0)
+    assert not (tmp_path / "y").exists()

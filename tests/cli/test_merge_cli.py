@@ -80,3 +80,18 @@ def test_extract(inputs, tmp_path):
     report = json.loads(r.output)
     assert {m["rank"] for m in report["modules"] if m["kind"] == "lora"} == {2}
     assert _run("extract", tmp_path / "m", "--base", base, "-o", tmp_path / "z", "--rank", "zero").exit_code == 2
+
+
+def test_extract_scaling_options(inputs, tmp_path):
+    base, adapter, _ = inputs
+    assert _run("merge", adapter, "--base", base, "-o", tmp_path / "m").exit_code == 0
+    r = _run("extract", tmp_path / "m", "--base", base, "-o", tmp_path / "x", "--rank", "auto", "--max-rank", "3", "--sv-epsilon", "1e-6",
+             "--exclude", "embed|lm_head", "--svd", "lowrank", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    lora = [m for m in report["modules"] if m["kind"] == "lora"]
+    assert lora and all(m["rank"] <= 3 and m["svd"] == "lowrank" for m in lora) and report["device"] == "cpu"
+    assert not [m for m in report["modules"] if m["kind"] == "full"] and set(report["seconds"]) == {"svd", "total"}
+    r = _run("extract", tmp_path / "m", "--base", base, "-o", tmp_path / "y", "--include", "[")
+    assert r.exit_code == 1 and r.output.startswith("error: ") and not (tmp_path / "y").exists()
+    assert _run("extract", tmp_path / "m", "--base", base, "-o", tmp_path / "y", "--max-rank", "0").exit_code == 2
