@@ -19,6 +19,15 @@ def _config_experts(ckpt: Checkpoint) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
+def target_names(ckpt: Checkpoint, targeted: list[str]) -> list[str]:
+    """The targeted modules as the shortest suffixes that name only them: the leaf (``q_proj``), or
+    ``parent.leaf`` where the leaf also names an untargeted module (v1's ``attn.c_proj`` vs ``mlp.c_proj``)."""
+    chosen = set(targeted)
+    others = {e.module.rsplit(".", 1)[-1] for e in ckpt.entries if e.module not in chosen}
+    shared = set(ckpt.layout.shared_leaves) | others
+    return sorted({".".join(m.split(".")[-2:]) if m.rsplit(".", 1)[-1] in shared else m.rsplit(".", 1)[-1] for m in targeted})
+
+
 def lora_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
     """Rank(s), alpha, scaling and targets of the LoRA part; None when there is none."""
     ranks: dict[str, int] = {}
@@ -54,7 +63,7 @@ def lora_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
         "rank": rank,
         "alpha": alpha,
         "scaling": scaling,
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks if m not in params}),
+        "target_modules": target_names(ckpt, [m for m in ranks if m not in params]),
         "target_parameters": sorted({".".join(t.split(".")[-3:]) for t in params}),
         "num_experts": (experts.pop() if len(experts) == 1 else sorted(experts)) if experts else None,
         "num_targeted": len(ranks),

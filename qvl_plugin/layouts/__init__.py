@@ -83,6 +83,9 @@ class Layout:
     """Parameter suffixes (``mlp.experts.gate_up_proj``) stored (E, in, out) in hub files, (E, out, in) in memory."""
     parameter_modules: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """Module suffix -> its parameters in registration order: the nesting order of PEFT's ParamWrappers."""
+    shared_leaves: tuple[str, ...] = ()
+    """Leaf names that name several modules of one model (v1: ``c_proj`` is attn's, mlp's and the vision
+    tower's): shown with their parent (``attn.c_proj``) so a listed target names only what was targeted."""
     _compiled: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -102,6 +105,7 @@ class Layout:
             groups=tuple(tuple(x) for x in d.get("groups", ())),
             transposed_on_disk=tuple(_transformers_transposes(d.get("transformers_converters")) or d.get("transposed_on_disk", ())),
             parameter_modules=tuple((k, tuple(v)) for k, v in (d.get("parameter_modules") or {}).items()),
+            shared_leaves=tuple(d.get("shared_leaves", ())),
         )
 
     def _re(self, pattern: str) -> re.Pattern:

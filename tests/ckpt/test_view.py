@@ -174,7 +174,8 @@ def test_qwen_vl_v1(qwen_vl_base, tmp_path):
     _, path = make_adapter(model, cfg, tmp_path / "a")
     info = summarize(open_checkpoint(path))
     assert info["layout"] == "qwen-vl"
-    assert set(info["lora"]["target_modules"]) == {"c_attn", "c_proj", "w1", "w2"}
+    # v1 also has mlp.c_proj and the vision tower's c_proj: the target is named so that it names only itself
+    assert set(info["lora"]["target_modules"]) == {"c_attn", "attn.c_proj", "w1", "w2"}
     assert info["modules_to_save"] == ["lm_head", "transformer.wte"]
     n_layers = len(model.transformer.h)
     assert info["groups"]["language"]["roles"] == {"lora_A": 4 * n_layers, "lora_B": 4 * n_layers}
