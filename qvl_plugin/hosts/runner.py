@@ -132,8 +132,22 @@ def _reload_adapter(base: Path | None, adapter: Path | None):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(str(base), **dtype_kwarg(torch.float32), local_files_only=True,
+                                                        trust_remote_code=False)
     return PeftModel.from_pretrained(model, str(adapter))
+
+
+def dtype_kwarg(value: Any) -> dict[str, Any]:
+    """``{"dtype": value}`` for ``from_pretrained``; ``torch_dtype`` before transformers 4.56, which has no ``dtype``
+    (4.52-4.55 hand an unknown ``dtype`` to the model's ``__init__``: TypeError)."""
+    return {"dtype" if _has_dtype_kwarg() else "torch_dtype": value}
+
+
+def _has_dtype_kwarg() -> bool:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__).release >= (4, 56)
 
 
 def _load_model(config: TrainConfig):
@@ -144,8 +158,11 @@ def _load_model(config: TrainConfig):
     from .tiny import load_processor
 
     kwargs = {"dtype": "auto", **config.model_kwargs}
+    if "torch_dtype" in kwargs:  # the pre-4.56 name, as a YAML may spell it
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
     if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    kwargs.update(dtype_kwarg(kwargs.pop("dtype")))
     # A model's own code runs only when the YAML says so; an explicit False also stops transformers' prompt.
     trust = kwargs.get("trust_remote_code") is True
     kwargs["trust_remote_code"] = trust
@@ -302,8 +319,8 @@ def _logit_diff(peft_model, merged_dir: Path, batch: Mapping[str, Any]) -> float
     device = next(peft_model.parameters()).device
     with torch.no_grad():
         ref = peft_model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.float().cpu()
-        merged = AutoModelForImageTextToText.from_pretrained(str(merged_dir), dtype=torch.float32, local_files_only=True,
-                                                              trust_remote_code=False)
+        merged = AutoModelForImageTextToText.from_pretrained(str(merged_dir), **dtype_kwarg(torch.float32),
+                                                              local_files_only=True, trust_remote_code=False)
         merged.eval()
         got = merged(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
     del merged

@@ -40,6 +40,13 @@ def _processor_class():
         """The real ``Qwen2VLProcessor`` minus the video processor: transformers 5 type-checks every
         sub-processor, and the video one needs torchvision. Images and text go through the stock code."""
 
+        def __init__(self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kwargs):
+            if video_processor is None and "video_processor" in getattr(self, "attributes", ()):
+                # transformers 4.x type-checks every name in the class's `attributes` inside ProcessorMixin.__init__
+                # (no per-argument hook): leave the video processor out of this instance's list.
+                self.attributes = [a for a in self.attributes if a != "video_processor"]
+            super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
+
         def check_argument_for_proper_class(self, argument_name: str, argument: Any):
             if argument_name == "video_processor" and argument is None:
                 return None

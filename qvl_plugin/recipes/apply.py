@@ -133,6 +133,12 @@ class RecipePlan:
         pats = (*self.recipe.targets, *self.recipe.vision_targets)
         return pats[0] if len(pats) == 1 else "|".join(f"(?:{p})" for p in pats)
 
+    @property
+    def shared_token_rows(self) -> bool:
+        """tied='tie' on a tied model with token rows on both embedding and head: one set of rows for both."""
+        groups = {self.layout.group(m) for m in self.token_rows}
+        return self.index.tied and self.recipe.tied == "tie" and {"embedding", "head"} <= groups
+
     def lora_config(self):
         from peft import LoraConfig
 
@@ -150,12 +156,27 @@ class RecipePlan:
         if self.recipe.target_parameters:
             kwargs["target_parameters"] = list(self.recipe.target_parameters)
         if self.token_rows:
-            kwargs["trainable_token_indices"] = {m: list(ids) for m, ids in self.token_rows.items()}
+            rows = {m: list(ids) for m, ids in self.token_rows.items()}
+            if self.shared_token_rows and not _peft_ties_listed_head():
+                # PEFT < 0.21 gives a listed tied head rows of its own (they drift apart from the embedding's
+                # while the config stays tied); listed alone, the embedding's rows are shared with the tied head
+                # (PEFT >= 0.15), which is what tied='tie' means.
+                rows = {m: ids for m, ids in rows.items() if self.layout.group(m) != "head"}
+            kwargs["trainable_token_indices"] = rows
         if self.ensure_weight_tying:
             if "ensure_weight_tying" not in {f.name for f in dataclasses.fields(LoraConfig)}:
                 raise RecipeError(f"recipe {self.recipe.name}: tied='tie' needs peft >= 0.18 (ensure_weight_tying)")
             kwargs["ensure_weight_tying"] = True
         return LoraConfig(**kwargs)
+
+
+def _peft_ties_listed_head() -> bool:
+    """Whether PEFT shares the embedding's trainable token rows with a tied head that trainable_token_indices
+    lists too (measured: 0.21.2 does, 0.15.2 does not)."""
+    import peft
+    from packaging.version import Version
+
+    return Version(peft.__version__).release >= (0, 21)
 
 
 def _shape_of(name: str) -> str:
@@ -333,6 +354,15 @@ def _verify(peft_model, plan: RecipePlan) -> None:
     if stray or missing:
         raise RecipeError(f"recipe {plan.recipe.name}: PEFT did not wrap what the recipe says "
                           f"(unexpected trainable: {stray[:3]}, not wrapped: {missing[:3]})")
+    if plan.shared_token_rows:
+        deltas = {n: id(p) for n, p in peft_model.named_parameters(remove_duplicate=False)
+                  if "trainable_tokens_delta" in n and split_param(n)[0] in plan.token_rows}
+        if len(set(deltas.values())) > 1:
+            import peft
+
+            raise RecipeError(f"recipe {plan.recipe.name}: tied='tie' but PEFT {peft.__version__} gave "
+                              f"{', '.join(sorted({split_param(n)[0] for n in deltas}))} separate token rows on this "
+                              "tied model; use tied: untie (or another PEFT version)")
 
 
 @dataclass(frozen=True)

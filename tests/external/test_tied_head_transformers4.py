@@ -1,5 +1,5 @@
 """The `tied-config-mismatch` audit wording, measured: a merged dir whose config ties embed/head while the
-file holds a different lm_head loses the trained head on transformers 4.x (4.52.4 here) and keeps it on >= 5."""
+file holds a different lm_head loses the trained head on transformers 4.x (the floor pin, 4.52.4) and keeps it on >= 5."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import torch
 from peft import LoraConfig
 
 from qvl_plugin.ckpt.audit import audit
-from tests.external.venv import ensure_venv, run_in_venv, skip_if_external_off
+from tests.external.old_transformers_env import PINS, venv_for
+from tests.external.venv import run_in_venv, skip_if_external_off
 from tests.factories import build_model, make_adapter
 
-# The same steps as the other old-transformers tests: one cached venv.
-OLD_TRANSFORMERS = [["torch==2.13.0", "transformers==4.52.4", "peft==0.15.2", "safetensors>=0.4.3", "accelerate>=1.0,<2",
-                     "click>=8.1", "rich>=13", "pyyaml>=6", "pillow>=10"]]
 _LOAD = """
 import sys, torch, transformers
 from transformers import AutoModelForImageTextToText
@@ -25,7 +23,7 @@ print(transformers.__version__, torch.equal(m.lm_head.weight, m.get_input_embedd
 
 
 def test_tied_flag_with_trained_head_is_an_error_true_for_both_version_ranges(tmp_path):
-    skip_if_external_off("transformers 4.52.4")
+    skip_if_external_off(f"transformers {PINS['floor'][0]}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm, _ = make_adapter(build_model("qwen2-vl", tied=True),
@@ -36,7 +34,7 @@ def test_tied_flag_with_trained_head_is_an_error_true_for_both_version_ranges(tm
     [finding] = [x for x in audit(tmp_path / "merged") if x.code == "tied-config-mismatch"]
     assert finding.severity == "error"
     (tmp_path / "load.py").write_text(_LOAD)
-    proc = run_in_venv(ensure_venv("old-transformers-floor", OLD_TRANSFORMERS), [str(tmp_path / "load.py"), str(tmp_path / "merged")])
+    proc = run_in_venv(venv_for("floor"), [str(tmp_path / "load.py"), str(tmp_path / "merged")])  # the same cached venv
     assert proc.returncode == 0, proc.stderr[-2000:]
     version, tied = proc.stdout.split()[-2:]
     assert version.startswith("4.") and tied == "True"  # 4.x: lm_head re-tied to the embedding, trained head lost
