@@ -1,6 +1,6 @@
-"""Benchmark: qvl-ckpt merge vs the PEFT merge path vs a plain copy, at two model sizes.
+"""Benchmark: qvl-ckpt merge vs the PEFT merge path vs a plain copy, at three model sizes, plus a projection.
 
-    python tools/bench_merge.py --workdir bench-merge --repeat 3   # ~1.1 and ~2.2 GB, ~6 min
+    python tools/bench_merge.py --workdir /tmp/qvl-bench --repeat 3   # ~0.9, ~1.7 and ~3.9 GB
 
 Builds a synthetic Qwen2-VL-shaped bf16 checkpoint with the real 2B widths (hidden 1536, MLP 8960, vocab
 151936, tied embeddings, vision width 1280) and fewer layers, plus an r=64 ``all-linear`` adapter with
@@ -10,6 +10,12 @@ peak RSS from ``wait4``):
   (a) ``qvl-ckpt merge ADAPTER --base BASE -o OUT``
   (b) the PEFT path: from_pretrained, PeftModel.from_pretrained, merge_and_unload, save_pretrained
   (c) ``cp -r BASE OUT`` (the I/O floor)
+  (d) the LoRA products alone: every ``B @ A`` of the adapter in fp32, in the merge's row chunks, timed in
+      process (no reads, no writes, no start-up); (c) + (d) is the floor a merge can approach.
+
+Runs are paired: each repetition runs every measurement once, in rotating order; medians are reported.
+The largest size skips (b) (``--peft-max-layers``; PEFT holds the whole model in memory). (a)'s time is
+fitted linearly in base bytes and extrapolated to Qwen2-VL-7B / 72B sizes -- an extrapolation, printed as one.
 
 The page cache is warmed before each run (every run reads warm files) and outputs are synced and
 deleted after. (a)'s own report splits its time into read / LoRA math / write / kernel copy. The
@@ -22,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -100,6 +107,26 @@ def child_peft_merge(base: Path, adapter: Path, out: Path) -> None:
     merged.save_pretrained(out)
 
 
+def child_products(adapter: Path) -> None:
+    """Seconds of the adapter's LoRA products alone (fp32 B @ A over every LoRA'd weight, merge-sized chunks)."""
+    import torch
+    from safetensors import safe_open
+
+    from qvl_plugin.ckpt import merge_math as mm
+    from qvl_plugin.ckpt.reader import CHUNK_ELEMENTS
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as h:
+        keys = list(h.keys())
+        pairs = [(h.get_tensor(k).float(), h.get_tensor(k.replace("lora_A", "lora_B")).float()) for k in keys if ".lora_A." in k]
+    buf = torch.empty(CHUNK_ELEMENTS * 2, dtype=torch.float32)
+    t0 = time.perf_counter()
+    for a, b in pairs:
+        out_f, in_f = b.shape[0], a.shape[1]
+        for start, stop in mm.row_spans(out_f, max(mm.MIN_CHUNK_ROWS, CHUNK_ELEMENTS // in_f)):
+            torch.mm(b[start:stop], a, out=buf[: (stop - start) * in_f].view(stop - start, in_f))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "pairs": len(pairs)}))
+
+
 def child_compare(a: Path, b: Path) -> None:
     """Stream both outputs tensor by tensor: same keys, bitwise equal?"""
     from safetensors import safe_open
@@ -160,6 +187,14 @@ def _measure(cmd: list[str], capture: bool = False) -> dict:
     return {"seconds": wall, "rss_mb": usage.ru_maxrss / 1024, "stdout": out}
 
 
+def _median_run(ms: list[dict]) -> dict:
+    """Medians of the runs' wall time, peak RSS and (for qvl) each part of the reported time split."""
+    out = {"seconds": statistics.median(m["seconds"] for m in ms), "rss_mb": statistics.median(m["rss_mb"] for m in ms), "runs": len(ms)}
+    if "report" in ms[0]:
+        out["report"] = {k: statistics.median(m["report"][k] for m in ms) for k in ms[0]["report"]}
+    return out
+
+
 def _py(*args: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), *args]
 
@@ -179,28 +214,29 @@ def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool) -> dict:
                              "-o", str(out), "--json"], True),
         "peft": lambda out: (_py("--child", "peft-merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)), False),
     }
-    for name, make in runs.items():
-        if name == "peft" and skip_peft:
-            continue
-        best = None
-        for _ in range(repeat):
+    names = [n for n in runs if not (n == "peft" and skip_peft)]
+    all_runs: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(repeat):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:  # paired: rotating order
             out = work / f"out-{name}-L{layers}"
             shutil.rmtree(out, ignore_errors=True)
             _warm(base, adapter)
             os.sync()
-            cmd, capture = make(out)
-            print(f"  {name} ...", file=sys.stderr)
+            cmd, capture = runs[name](out)
+            print(f"  {name} (run {rep + 1}) ...", file=sys.stderr)
             m = _measure(cmd, capture)
             os.sync()
             if name.startswith("qvl"):
                 m["report"] = json.loads(m.pop("stdout"))["seconds"]
             else:
                 m.pop("stdout")
-            if best is None or m["seconds"] < best["seconds"]:
-                best = m
-            if name == "copy" or _ != repeat - 1:
+            all_runs[name].append(m)
+            if name == "copy" or rep != repeat - 1:
                 shutil.rmtree(out, ignore_errors=True)
-        res[name] = best
+    for name, ms in all_runs.items():
+        res[name] = _median_run(ms)
+    prods = [json.loads(_measure(_py("--child", "products", "--adapter", str(adapter)), True)["stdout"])["seconds"] for _ in range(repeat)]
+    res["products"] = statistics.median(prods)
     if not skip_peft:
         cmp = _measure(_py("--child", "compare", "--a", str(work / f"out-qvl-L{layers}"), "--b", str(work / f"out-peft-L{layers}")), True)
         res["compare"] = json.loads(cmp["stdout"])
@@ -209,29 +245,48 @@ def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool) -> dict:
     return res
 
 
+# Qwen2-VL bf16 checkpoint sizes (bytes of safetensors), for the projection only
+PROJECT = {"Qwen2-VL-7B (16.6 GB)": 16.6e9, "Qwen2-VL-72B (147 GB)": 147e9}
+
+
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares line y = a + b x."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
 def _table(results: list[dict], startup: dict) -> str:
     gb = lambda n: f"{n / 1e9:.2f} GB"
     lines = [
-        "| base (bf16) | (a) qvl-ckpt merge | (b) PEFT merge path | (c) cp -r | (a) vs (b) time | (a) vs (b) peak RSS | (a)/(c) time | (a) split: plan / read / LoRA math / write / kernel copy / verify |",
-        "|---|---|---|---|---|---|---|---|",
+        "| base (bf16) | (a) qvl-ckpt merge | (b) PEFT merge path | (c) cp -r | (d) LoRA products | (a) vs (b) time | (a) vs (b) peak RSS "
+        "| (a) / ((c)+(d)) | (a) split: plan / read / LoRA math / write / kernel copy / verify |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        a, c = r["qvl"], r["copy"]
+        a, c, d = r["qvl"], r["copy"], r["products"]
         b = r.get("peft")
         s = a["report"]
         split = f"{s['plan']:.2f} / {s['read']:.2f} / {s['math']:.2f} / {s['write']:.2f} / {s['copy']:.2f} / {s['commit']:.2f} s"
         lines.append(
             f"| {gb(r['base_bytes'])} ({r['layers']} layers) | {a['seconds']:.1f} s, {a['rss_mb']:.0f} MB | "
-            + (f"{b['seconds']:.1f} s, {b['rss_mb']:.0f} MB" if b else "n/a") + f" | {c['seconds']:.1f} s | "
+            + (f"{b['seconds']:.1f} s, {b['rss_mb']:.0f} MB" if b else "not run") + f" | {c['seconds']:.1f} s | {d:.1f} s | "
             + (f"{b['seconds'] / a['seconds']:.1f}x faster" if b else "") + " | "
-            + (f"{a['rss_mb'] / b['rss_mb']:.2f}x" if b else "") + f" | {a['seconds'] / c['seconds']:.1f} | {split} |"
+            + (f"{a['rss_mb'] / b['rss_mb']:.2f}x" if b else "") + f" | {a['seconds'] / (c['seconds'] + d):.2f} | {split} |"
         )
     if len(results) > 1:
-        a0, a1 = results[0]["qvl"]["rss_mb"], results[-1]["qvl"]["rss_mb"]
-        size = results[-1]["base_bytes"] / results[0]["base_bytes"]
         lines.append("")
-        lines.append(f"(a) peak RSS grows {100 * (a1 - a0) / a0:+.1f}% when the base grows {size:.2f}x. "
+        for i in range(1, len(results)):
+            r0, r1 = results[i - 1], results[i]
+            lines.append(f"(a) peak RSS {r0['qvl']['rss_mb']:.0f} -> {r1['qvl']['rss_mb']:.0f} MB ({r1['qvl']['rss_mb'] / r0['qvl']['rss_mb']:.2f}x) "
+                         f"when layers go {r0['layers']} -> {r1['layers']} (base {r1['base_bytes'] / r0['base_bytes']:.2f}x).")
+        xs = [r["base_bytes"] / 1e9 for r in results]
+        a0, slope = _fit(xs, [r["qvl"]["seconds"] for r in results])
+        worst = max(abs(a0 + slope * x - r["qvl"]["seconds"]) / r["qvl"]["seconds"] for x, r in zip(xs, results))
+        lines.append(f"(a) time ≈ {a0:.2f} s + {slope:.2f} s/GB (least squares over {len(xs)} sizes, worst residual {100 * worst:.0f}%). "
                      f"Process start-up alone (python + torch + transformers + qvl_plugin imports): {startup['seconds']:.1f} s, {startup['rss_mb']:.0f} MB.")
+        proj = ", ".join(f"{name}: ~{a0 + slope * n / 1e9:.0f} s" for name, n in PROJECT.items())
+        lines.append(f"Extrapolation (not measured; same r=64 all-linear adapter, same machine, peak RSS as measured): {proj}.")
     for r in results:
         if "compare" in r:
             c = r["compare"]
@@ -242,12 +297,13 @@ def _table(results: list[dict], startup: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path("bench-merge"))
-    ap.add_argument("--layers", type=int, nargs="+", default=[5, 17], help="language layers per size (5 ≈ 1.1 GB, 17 ≈ 2.2 GB)")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is kept")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/qvl-bench"))
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 12, 36], help="language layers per size (4 ≈ 0.9 GB, 12 ≈ 1.7 GB, 36 ≈ 3.9 GB)")
+    ap.add_argument("--repeat", type=int, default=3, help="paired runs per measurement; medians are reported")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic bases and adapters")
-    ap.add_argument("--child", choices=["build", "adapter", "peft-merge", "compare"], help=argparse.SUPPRESS)
+    ap.add_argument("--peft-max-layers", type=int, default=12, help="run (b) only up to this many layers")
+    ap.add_argument("--child", choices=["build", "adapter", "peft-merge", "compare", "products"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--adapter", type=Path, help=argparse.SUPPRESS)
@@ -262,11 +318,13 @@ def main() -> None:
         return child_peft_merge(args.base, args.adapter, args.out)
     if args.child == "compare":
         return child_compare(args.a, args.b)
+    if args.child == "products":
+        return child_products(args.adapter)
 
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     startup = _measure([sys.executable, "-c", "import qvl_plugin.cli, qvl_plugin.ckpt.merge, peft"])
-    results = [_run_size(work, n, args.repeat, args.skip_peft) for n in args.layers]
+    results = [_run_size(work, n, args.repeat, args.skip_peft or n > args.peft_max_layers) for n in args.layers]
     (work / "bench.json").write_text(json.dumps({"startup": startup, "results": results}, indent=2))
     print(_table(results, startup))
     if not args.keep:

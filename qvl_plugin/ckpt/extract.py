@@ -40,7 +40,7 @@ __all__ = ["ModuleError", "ExtractReport", "extract", "svd_factors", "choose_ran
 SVD_METHODS = ("auto", "exact", "lowrank")
 LOWRANK_MIN_DIM = 1024  # below this the full SVD is fast enough and exact
 OVERSAMPLE = 16         # extra columns of the randomized range finder (Halko et al.: 5-20)
-NITER = 4               # power iterations: spectra of fine-tuning deltas decay slowly
+NITER = 2               # power iterations (torch's default): measured within 1e-6 of the exact error on merged-LoRA deltas
 
 
 @dataclass(frozen=True)
