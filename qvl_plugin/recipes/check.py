@@ -99,17 +99,19 @@ def build_meta_model(model_dir: str | Path):
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)  # never run or ask to run a model's code
     except Exception as e:
         raise RecipeError(f"{model_dir}/config.json: transformers cannot read it ({type(e).__name__}: {e})") from None
-    dtype = _dtype(config)
+    from ..hosts.runner import dtype_kwarg  # dtype= (transformers >= 4.56) or torch_dtype=
+
+    dtype = dtype_kwarg(_dtype(config))
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         try:
-            return transformers.AutoModelForImageTextToText.from_config(config, dtype=dtype, trust_remote_code=False)
+            return transformers.AutoModelForImageTextToText.from_config(config, **dtype, trust_remote_code=False)
         except ValueError:
             pass
         for arch in getattr(config, "architectures", None) or ():
             cls = getattr(transformers, arch, None)
             if cls is not None:
-                return cls._from_config(config, dtype=dtype)
+                return cls._from_config(config, **dtype)
     raise RecipeError(f"{model_dir}: no transformers class for {getattr(config, 'architectures', None) or config.model_type}")
 
 

@@ -5,8 +5,9 @@
 With the checkout on PYTHONPATH (not installed): every built-in recipe through ``apply_recipe`` on a tiny model
 of its family (families this transformers lacks are listed as unavailable); then, on the tiny Qwen2-VL,
 ``QvlSaveCallback`` in a few HF ``Trainer`` steps, the tiny demo (``run_training`` on
-``recipes/tiny-qwen2-vl.yaml`` with a small step count), tied token rows saved and merged, and the ``qvl-ckpt``
-commands on the demo's outputs
+``recipes/tiny-qwen2-vl.yaml`` with a small step count), ``run_training`` on a local model dir (the demo's base),
+``recipes check`` against the real wrap, tied token rows saved and merged, and the ``qvl-ckpt`` commands on the
+demo's outputs
 through the real click CLI (in-process): inspect, audit, merge (the merged model must reproduce the
 PeftModel's logits), convert (adapter -> .pth -> adapter, bit-exact), diff (adapter vs merged by effect),
 extract (merged - base back to an adapter that PEFT loads and that reproduces the merged logits).
@@ -215,6 +216,29 @@ def main(work: Path) -> int:
                 "saved": [p.name for p in (r.base, r.adapter, r.pth, r.merged) if p is not None]}
 
     base, adapter = demo / "base", demo / "adapter"
+
+    @step("user-model")
+    def _user_model():  # qvl-train on a local model dir (from_pretrained + its own processor files), 2 steps
+        from qvl_plugin.hosts.runner import load_train_config, run_training
+
+        config = load_train_config({
+            "recipe": "qwen2-vl/lora", "overrides": {"r": 4, "lora_alpha": 8, "save": ["adapter", "merged"]},
+            "model": str(base), "model_kwargs": {"torch_dtype": "float32"}, "synthetic_size": 8, "verify": True,
+            "training_args": {"max_steps": 2, "per_device_train_batch_size": 2},
+        })
+        r = run_training(config, output_dir=work / "user-model")
+        return {"ok": r.steps == 2 and r.max_abs_diff is not None and r.max_abs_diff < TOL, "steps": r.steps,
+                "max_abs_diff": r.max_abs_diff}
+
+    @step("recipes-check")
+    def _recipes_check():  # the dry run on the meta device agrees with the real wrap
+        from qvl_plugin.recipes.apply import trainable_report
+
+        name = "qwen2-vl/lora-embed-head"
+        code, rep = cli_json("recipes", "check", name, "--model", str(base))
+        real = sum(r.trainable for r in trainable_report(apply_recipe(build_tiny_model(0), get_recipe(name))))
+        return {"ok": code == 0 and rep.get("trainable") == real, "exit": code, "trainable": rep.get("trainable"),
+                "applied": real}
 
     @step("new-tokens")
     def _new_tokens():  # tied='tie' token rows on the tied tiny model: saved, merged, reloaded

@@ -20,7 +20,8 @@ from tests.external.venv import ROOT, run_in_venv, skip_if_external_off
 DRIVER = Path(__file__).with_name("old_transformers_driver.py")
 MARKER = "QVL-VERDICT "
 UNAVAILABLE = {"floor": {"qwen3-vl", "qwen3-vl-moe"}, "last-4x": set()}  # recipe families the pin's transformers lacks
-STEPS = ("setup", "recipes", "callback", "demo", "new-tokens", "inspect", "audit", "merge", "convert", "diff", "extract")
+STEPS = ("setup", "recipes", "callback", "demo", "user-model", "recipes-check", "new-tokens", "inspect", "audit", "merge",
+         "convert", "diff", "extract")
 
 
 def _lower_bound(requirement: str) -> str:
