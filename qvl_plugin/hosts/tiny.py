@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TINY_DIR", "tiny_dir", "build_tiny_model", "load_processor", "save_base"]
+__all__ = ["TINY_DIR", "tiny_dir", "build_tiny_model", "load_config", "config_for_transformers4", "load_processor", "save_base"]
 
 TINY_DIR = "tiny"
 
@@ -21,9 +22,9 @@ def build_tiny_model(seed: int = 0, config_dir: str | Path | None = None):
     """A real ``Qwen2VLForConditionalGeneration`` from the shipped config, randomly initialised from ``seed``
     (identical on every process). fp32, eval-mode-free (the caller decides)."""
     import torch
-    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(str(config_dir or tiny_dir()), trust_remote_code=False)
+    config = load_config(config_dir)
     gen = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -31,6 +32,39 @@ def build_tiny_model(seed: int = 0, config_dir: str | Path | None = None):
     finally:
         torch.random.set_rng_state(gen)
     return model.float()
+
+
+def load_config(config_dir: str | Path | None = None):
+    """The model config of ``config_dir`` (default: the tiny one). The shipped file is written by transformers 5;
+    on 4.x its 5.x names are read as 4.x names (see :func:`config_for_transformers4`)."""
+    import transformers
+    from transformers import AutoConfig
+
+    path = Path(str(config_dir or tiny_dir()))
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    raw = config_for_transformers4(json.loads((path / "config.json").read_text()))
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
+def config_for_transformers4(raw: dict[str, Any]) -> dict[str, Any]:
+    """A transformers 5 Qwen2-VL ``config.json`` dict as transformers 4.52-4.57 need it. 4.x does not know
+    ``rope_parameters`` (M-RoPE then fails in the first forward: ``rope_scaling`` is None), takes the tie from
+    ``text_config`` and computes the loss with a top-level ``vocab_size``. 4.x-style keys already there win."""
+    raw = json.loads(json.dumps(raw))
+    text = raw.get("text_config")
+    if isinstance(text, dict):
+        rope = text.pop("rope_parameters", None)
+        if isinstance(rope, dict):
+            if "mrope_section" in rope and text.get("rope_scaling") is None:
+                text["rope_scaling"] = {"type": "mrope", "mrope_section": list(rope["mrope_section"])}
+            if "rope_theta" in rope:
+                text.setdefault("rope_theta", rope["rope_theta"])
+        if "tie_word_embeddings" in raw:
+            text.setdefault("tie_word_embeddings", raw["tie_word_embeddings"])
+        if "vocab_size" in text:
+            raw.setdefault("vocab_size", text["vocab_size"])
+    return raw
 
 
 def _processor_class():
