@@ -12,12 +12,13 @@ only ``load``/``resample`` for audio, which these tests never feed).
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
 from tests.external.venv import ensure_venv, run_in_venv
 
-__all__ = ["LLAMAFACTORY", "SWIFT", "host_venv", "run_worker", "make_base", "trainable_of", "TEXT_SAMPLES"]
+__all__ = ["LLAMAFACTORY", "SWIFT", "host_venv", "run_worker", "make_base", "trainable_of", "qvl_ckpt", "TEXT_SAMPLES"]
 
 HERE = Path(__file__).resolve().parent
 _TORCH = ["torch==2.13.0", "torchvision==0.28.0"]  # torch from this machine's disk (CPU build)
@@ -27,8 +28,12 @@ _NO_TORCHAUDIO_OPS = ["-c", "import pathlib, importlib.util as u; "
                       "import torchaudio.functional"]
 
 #: name -> (pip steps, post-install steps)
-LLAMAFACTORY = ("llamafactory-0.9.5", [[*_TORCH, "torchaudio==2.11.1", "llamafactory==0.9.5", "transformers==5.6.0", "peft==0.18.1",
-                                        "trl==0.24.0", "accelerate==1.11.0", "datasets==4.0.0"]],
+# LLaMA-Factory itself goes in --no-deps, beside what its training path (hparams, data, model, train.sft)
+# imports: its web UI, API server, plotting and audio/video decoders (gradio, fastapi, matplotlib, av, scipy,
+# modelscope: ~0.7 GB) are never imported there, and leaving them out halves the cold build.
+LLAMAFACTORY = ("llamafactory-0.9.5", [[*_TORCH, "torchaudio==2.11.1", "transformers==5.6.0", "peft==0.18.1", "trl==0.24.0",
+                                        "accelerate==1.11.0", "datasets==4.0.0", "omegaconf==2.4.0", "pyyaml"],
+                                       ["--no-deps", "llamafactory==0.9.5"]],
                 [_CPU_TORCHVISION, _NO_TORCHAUDIO_OPS])
 SWIFT = ("ms-swift-4.6.0", [[*_TORCH, "ms-swift==4.6.0", "qwen_vl_utils==0.0.14", "transformers==5.19.0", "peft==0.20.0", "trl==0.29.1",
                              "accelerate==1.16.0", "datasets==4.8.4"]],
@@ -78,3 +83,13 @@ def trainable_of(recipe: str) -> set[str]:
 
     model = apply_recipe(build_tiny_model(seed=0), recipe)
     return {n.removeprefix("base_model.model.") for n, p in model.named_parameters() if p.requires_grad}
+
+
+def qvl_ckpt(*args: str) -> subprocess.CompletedProcess[str]:
+    """``qvl-ckpt ARGS`` in-process (the export and the audit are ours; only the host runs in its venv)."""
+    from click.testing import CliRunner
+
+    from qvl_plugin.cli import main
+
+    res = CliRunner().invoke(main, list(args))
+    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, res.stderr)

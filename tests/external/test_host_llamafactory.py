@@ -9,15 +9,11 @@ must be exactly apply_recipe's set on the same tiny model. Two training steps la
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import yaml
-from click.testing import CliRunner
 
-from qvl_plugin.cli import main
-
-from tests.external.host_envs import LLAMAFACTORY, TEXT_SAMPLES, make_base, run_worker, trainable_of
+from tests.external.host_envs import LLAMAFACTORY, TEXT_SAMPLES, make_base, qvl_ckpt, run_worker, trainable_of
 from tests.external.venv import skip_if_external_off
 
 RECIPES = ("qwen2-vl/lora", "qwen2-vl/lora-embed-head")
@@ -47,12 +43,6 @@ json.dump(out, open(sys.argv[2], "w"))
 '''
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """``qvl-ckpt ARGS`` in-process (the export and the audit are ours; only the host runs elsewhere)."""
-    res = CliRunner().invoke(main, list(args))
-    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)
-
-
 @pytest.fixture(scope="module")
 def lf_run(tmp_path_factory):
     skip_if_external_off("LLaMA-Factory")
@@ -66,7 +56,7 @@ def lf_run(tmp_path_factory):
     job, exports = {}, {}
     for recipe in RECIPES:
         out = root / (recipe.replace("/", "_") + ".yaml")
-        proc = _cli("recipes", "export", recipe, "--host", "llamafactory", "--model", str(base), "-o", str(out), "--allow-approximate")
+        proc = qvl_ckpt("recipes", "export", recipe, "--host", "llamafactory", "--model", str(base), "-o", str(out), "--allow-approximate")
         assert proc.returncode == 0, proc.stderr
         exports[recipe] = (out.read_text(), proc.stderr)
         job[recipe] = {**yaml.safe_load(out.read_text()),
@@ -95,7 +85,7 @@ def test_llamafactory_checkpoint_passes_audit(lf_run, recipe):
     base, root, exports, result = lf_run
     run_dir = root / recipe.replace("/", "_")
     assert (run_dir / "adapter_config.json").is_file() and (run_dir / "checkpoint-2").is_dir(), sorted(p.name for p in run_dir.iterdir())
-    proc = _cli("audit", str(run_dir), "--base", str(base))
+    proc = qvl_ckpt("audit", str(run_dir), "--base", str(base))
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
