@@ -132,11 +132,21 @@ def build_config(tokenizer):
     )
 
 
+def _readable_by_transformers_4(path: Path) -> None:
+    """transformers 5 saves the special-token list as ``extra_special_tokens``, which 4.x cannot read (the
+    floor venv loads these files too); ``additional_special_tokens`` means the same to both."""
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("extra_special_tokens"), list):
+        cfg["additional_special_tokens"] = cfg.pop("extra_special_tokens")
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+
+
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(out)
+    _readable_by_transformers_4(out / "tokenizer_config.json")
     build_image_processor().save_pretrained(out)
     build_config(tok).save_pretrained(out)
     print(f"wrote {sorted(p.name for p in out.iterdir())} (tokenizer {len(tok)} tokens, model vocab {MODEL_VOCAB})")
