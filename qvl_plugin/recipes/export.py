@@ -242,13 +242,18 @@ def _axolotl(plan: RecipePlan, diffs: list[str]) -> dict[str, Any]:
 
 
 def _peft(plan: RecipePlan, diffs: list[str]) -> dict[str, Any]:
-    """apply_recipe's own LoraConfig, as ``LoraConfig.to_dict()`` (what adapter_config.json holds)."""
-    data = plan.lora_config().to_dict()
+    """apply_recipe's own LoraConfig, minus the fields left at PEFT's defaults (what a user writes; other PEFT
+    versions accept it): ``LoraConfig(**data)`` or an adapter_config.json."""
+    from peft import LoraConfig
+
+    data, defaults = plan.lora_config().to_dict(), LoraConfig().to_dict()
+    keep = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules")
     out = {}
     for key, value in data.items():
         if isinstance(value, (set, frozenset)):
             value = sorted(value)
-        out[key] = getattr(value, "value", value)  # enums (task_type, peft_type) -> their string
+        if key in keep or (key not in ("peft_version", "auto_mapping") and value != defaults.get(key)):
+            out[key] = getattr(value, "value", value)  # enums (task_type, peft_type) -> their string
     return json.loads(json.dumps(out, default=str))
 
 
