@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tests.external.venv import ensure_venv, run_in_venv
 
-__all__ = ["LLAMAFACTORY", "SWIFT", "host_venv", "run_worker", "make_base", "trainable_of", "qvl_ckpt", "TEXT_SAMPLES"]
+__all__ = ["LLAMAFACTORY", "SWIFT", "host_venv", "run_worker", "make_base", "trainable_of", "qvl_ckpt", "TEXT_SAMPLES", "CASES", "case_args", "case_recipe"]
 
 HERE = Path(__file__).resolve().parent
 _TORCH = ["torch==2.13.0", "torchvision==0.28.0"]  # torch from this machine's disk (CPU build)
@@ -41,6 +41,28 @@ SWIFT = ("ms-swift-4.6.0", [[*_TORCH, "ms-swift==4.6.0", "qwen_vl_utils==0.0.14"
 
 TEXT_SAMPLES = [("hello there", "general kenobi"), ("what is one plus one", "two"), ("name a colour", "blue"),
                 ("say yes", "yes")]
+
+
+#: label -> (recipe, --set overrides): two built-ins, and LoRA on single layers of both towers, where bare leaf
+#: names would hit every layer and LLaMA-Factory must leave its vision-tower freeze off
+CASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lora": ("qwen2-vl/lora", ()),
+    "lora-embed-head": ("qwen2-vl/lora-embed-head", ()),
+    "layer0-vision1": ("qwen2-vl/lora", (r"targets=['model\.language_model\.layers\.0\.self_attn\.(q|v)_proj']",
+                                         r"vision_targets=['model\.visual\.blocks\.1\.attn\.qkv']", "freeze=[merger]")),
+}
+
+
+def case_args(label: str) -> list[str]:
+    """``RECIPE --set ...`` for ``qvl-ckpt recipes export``."""
+    name, sets = CASES[label]
+    return [name, *(a for s in sets for a in ("--set", s))]
+
+
+def case_recipe(label: str):
+    from qvl_plugin.cli.recipes import _resolve  # the command's own resolution of RECIPE + --set
+
+    return _resolve(*CASES[label])
 
 
 def host_venv(spec: tuple[str, list[list[str]], list[list[str]]]) -> Path:
@@ -76,7 +98,7 @@ def make_base(path: Path) -> Path:
     return save_base(build_tiny_model(seed=0), load_processor(), path)
 
 
-def trainable_of(recipe: str) -> set[str]:
+def trainable_of(recipe) -> set[str]:
     """apply_recipe's trainable parameter names on the tiny model, without PEFT's ``base_model.model.`` prefix."""
     from qvl_plugin.hosts.tiny import build_tiny_model
     from qvl_plugin.recipes import apply_recipe

@@ -13,10 +13,9 @@ import json
 import pytest
 import yaml
 
-from tests.external.host_envs import LLAMAFACTORY, TEXT_SAMPLES, make_base, qvl_ckpt, run_worker, trainable_of
+from tests.external.host_envs import CASES, LLAMAFACTORY, TEXT_SAMPLES, case_args, case_recipe, make_base, qvl_ckpt, run_worker, trainable_of
 from tests.external.venv import skip_if_external_off
 
-RECIPES = ("qwen2-vl/lora", "qwen2-vl/lora-embed-head")
 
 WORKER = r'''
 import json, sys
@@ -54,36 +53,43 @@ def lf_run(tmp_path_factory):
     (data / "tiny.json").write_text(json.dumps(rows))
     (data / "dataset_info.json").write_text(json.dumps({"tiny": {"file_name": "tiny.json", "formatting": "sharegpt"}}))
     job, exports = {}, {}
-    for recipe in RECIPES:
-        out = root / (recipe.replace("/", "_") + ".yaml")
-        proc = qvl_ckpt("recipes", "export", recipe, "--host", "llamafactory", "--model", str(base), "-o", str(out), "--allow-approximate")
+    for recipe in CASES:
+        out = root / (recipe + ".yaml")
+        proc = qvl_ckpt("recipes", "export", *case_args(recipe), "--host", "llamafactory", "--model", str(base), "-o", str(out),
+                        "--allow-approximate")
         assert proc.returncode == 0, proc.stderr
         exports[recipe] = (out.read_text(), proc.stderr)
         job[recipe] = {**yaml.safe_load(out.read_text()),
                        "model_name_or_path": str(base), "trust_remote_code": False, "stage": "sft", "do_train": True,
                        "dataset": "tiny", "dataset_dir": str(data), "template": "qwen2_vl", "cutoff_len": 64,
                        "overwrite_cache": True, "preprocessing_num_workers": 1, "dataloader_num_workers": 0,
-                       "output_dir": str(root / recipe.replace("/", "_")), "per_device_train_batch_size": 2,
+                       "output_dir": str(root / recipe), "per_device_train_batch_size": 2,
                        "max_steps": 2, "save_steps": 2, "learning_rate": 1e-3, "logging_steps": 1, "report_to": "none",
                        "bf16": False, "fp16": False, "seed": 0, "plot_loss": False}
     result = run_worker(LLAMAFACTORY, WORKER, job, root, timeout=900)
     return base, root, exports, result
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+LORA_TARGETS = {"lora": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                "lora-embed-head": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                "layer0-vision1": "0.self_attn.q_proj,0.self_attn.v_proj,1.attn.qkv"}
+
+
+@pytest.mark.parametrize("recipe", CASES)
 def test_llamafactory_trains_exactly_what_apply_recipe_trains(lf_run, recipe):
     base, root, exports, result = lf_run
-    text, stderr = exports[recipe]
-    assert "lora_target: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" in text
+    config = yaml.safe_load(exports[recipe][0])
+    assert config["lora_target"] == LORA_TARGETS[recipe]
+    assert config["freeze_vision_tower"] is (recipe != "layer0-vision1")
     got = result[recipe]
     assert got["class"].startswith("PeftModel"), result["log"][-3000:]
-    assert {n.removeprefix("base_model.model.") for n in got["trainable"]} == trainable_of(recipe)
+    assert {n.removeprefix("base_model.model.") for n in got["trainable"]} == trainable_of(case_recipe(recipe))
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", CASES)
 def test_llamafactory_checkpoint_passes_audit(lf_run, recipe):
     base, root, exports, result = lf_run
-    run_dir = root / recipe.replace("/", "_")
+    run_dir = root / recipe
     assert (run_dir / "adapter_config.json").is_file() and (run_dir / "checkpoint-2").is_dir(), sorted(p.name for p in run_dir.iterdir())
     proc = qvl_ckpt("audit", str(run_dir), "--base", str(base))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -92,5 +98,5 @@ def test_llamafactory_checkpoint_passes_audit(lf_run, recipe):
 def test_llamafactory_export_names_its_one_difference(lf_run):
     """The tiny model is tied: LLaMA-Factory keeps tie_word_embeddings=true after training embed/lm_head."""
     _, _, exports, _ = lf_run
-    assert exports["qwen2-vl/lora"][1] == ""
-    assert exports["qwen2-vl/lora-embed-head"][1].startswith("warning: tied: untie: LLaMA-Factory 0.9.5 keeps")
+    assert exports["lora"][1] == exports["layer0-vision1"][1] == ""
+    assert exports["lora-embed-head"][1].startswith("warning: tied: untie: LLaMA-Factory 0.9.5 keeps")

@@ -14,11 +14,11 @@ import shlex
 
 import pytest
 
-from tests.external.host_envs import SWIFT, TEXT_SAMPLES, make_base, qvl_ckpt, run_worker, trainable_of
+from tests.external.host_envs import SWIFT, TEXT_SAMPLES, case_args, case_recipe, make_base, qvl_ckpt, run_worker, trainable_of
 from tests.external.venv import skip_if_external_off
 
-#: recipe -> the export form that runs
-RUNS = {"qwen2-vl/lora": "yaml", "qwen2-vl/lora-embed-head": "shell"}
+#: case (tests/external/host_envs.py CASES) -> the export form that runs
+RUNS = {"lora": "yaml", "lora-embed-head": "shell", "layer0-vision1": "shell"}
 
 WORKER = r'''
 import json, sys
@@ -57,13 +57,13 @@ def swift_run(tmp_path_factory):
                             for q, a in TEXT_SAMPLES))
     job, exports = {}, {}
     for recipe, form in RUNS.items():
-        out = root / (recipe.replace("/", "_") + "." + form)
-        proc = qvl_ckpt("recipes", "export", recipe, "--host", "swift", "--model", str(base), "--format", form, "-o", str(out))
+        out = root / (recipe + "." + form)
+        proc = qvl_ckpt("recipes", "export", *case_args(recipe), "--host", "swift", "--model", str(base), "--format", form, "-o", str(out))
         assert proc.returncode == 0, proc.stderr
         exports[recipe] = out.read_text()
         head = [str(out)] if form == "yaml" else shlex.split(out.read_text())[2:]
         job[recipe] = [*head, "--model", str(base), "--model_type", "qwen2_vl", "--template", "qwen2_vl", "--dataset", str(data), "--use_hf", "true",
-                       "--check_model", "false", "--output_dir", str(root / recipe.replace("/", "_")), "--add_version", "false",
+                       "--check_model", "false", "--output_dir", str(root / recipe), "--add_version", "false",
                        "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
                        "--logging_steps", "1", "--report_to", "none", "--torch_dtype", "float32", "--max_length", "64",
                        "--dataset_num_proc", "1", "--dataloader_num_workers", "0", "--split_dataset_ratio", "0",
@@ -78,13 +78,13 @@ def test_swift_trains_exactly_what_apply_recipe_trains(swift_run, recipe):
     assert "target_regex" in exports[recipe] and "lora_rank" in exports[recipe]
     got = result[recipe]
     assert got["class"].startswith("PeftModel"), result["log"][-3000:]
-    assert {n.removeprefix("base_model.model.") for n in got["trainable"]} == trainable_of(recipe)
+    assert {n.removeprefix("base_model.model.") for n in got["trainable"]} == trainable_of(case_recipe(recipe))
 
 
 @pytest.mark.parametrize("recipe", RUNS)
 def test_swift_checkpoint_passes_audit(swift_run, recipe):
     base, root, exports, result = swift_run
-    run_dir = root / recipe.replace("/", "_")
+    run_dir = root / recipe
     assert (run_dir / "checkpoint-2" / "adapter_config.json").is_file(), sorted(p.name for p in run_dir.iterdir())
     proc = qvl_ckpt("audit", str(run_dir), "--base", str(base))
     assert proc.returncode == 0, proc.stdout + proc.stderr
