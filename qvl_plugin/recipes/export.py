@@ -121,6 +121,8 @@ def model_index(model_dir: Any) -> ModelIndex:
     from ..layouts import detect_layout
     from .check import _read_config, build_meta_model
 
+    if not (Path(model_dir) / "config.json").exists():
+        raise RecipeError(f"{model_dir}: no config.json (--model needs the model directory)")
     config = _read_config(Path(model_dir))
     layout = detect_layout(config=config)
     if layout.name != "qwen-vl":

@@ -211,3 +211,8 @@ def test_cli_model_of_another_family(tied_dir):
 
 def test_hosts_listed():
     assert HOSTS == ("llamafactory", "swift", "axolotl", "peft")
+
+
+def test_cli_model_dir_without_config(tmp_path):
+    res = run("qwen2-vl/lora", "--host", "swift", "--model", tmp_path)
+    assert res.exit_code == 1 and res.output.strip() == f"error: {tmp_path}: no config.json (--model needs the model directory)"
