@@ -172,10 +172,10 @@ def _tables(runs: dict, errs: dict, pair: Path) -> str:
         rss = statistics.median(m["rss_mb"] for m in ms)
         svd = f"{statistics.median(m['report']['svd'] for m in ms):.1f} s" if "report" in ms[0] else "n/a"
         e = [r["rel_error"] for r in errs[name].values()]
-        lines.append(f"| {label[name]} | {wall:.1f} s | {rss:.0f} MB | {svd} | {statistics.median(e):.4f} / {max(e):.4f} |")
+        lines.append(f"| {label[name]} | {wall:.1f} s | {rss:.0f} MB | {svd} | {statistics.median(e):.5f} / {max(e):.5f} |")
     lines += ["", "| module (layer 0) | " + " | ".join(label[n] for n in runs) + " |", "|---|" + "---|" * len(runs)]
     for mod in sorted(m for m in errs["qvl"] if m.startswith("layers.0.")):
-        lines.append(f"| {mod[9:]} | " + " | ".join(f"r={errs[n][mod]['rank']}, {errs[n][mod]['rel_error']:.4f}" for n in runs) + " |")
+        lines.append(f"| {mod[9:]} | " + " | ".join(f"r={errs[n][mod]['rank']}, {errs[n][mod]['rel_error']:.5f}" for n in runs) + " |")
     return "\n".join(lines)
 
 

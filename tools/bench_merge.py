@@ -168,14 +168,14 @@ def _warm(*paths: Path) -> None:
                         pass
 
 
-def _measure(cmd: list[str], capture: bool = False) -> dict:
+def _measure(cmd: list[str], capture: bool = False, pythonpath: Path = REPO) -> dict:
     """Run one command in its own process: wall seconds, peak RSS (MB) from wait4, stdout."""
     import tempfile
 
     with tempfile.TemporaryFile() as errf:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=errf, cwd=REPO,
-                                env={**os.environ, "PYTHONPATH": str(REPO), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=errf, cwd=pythonpath,
+                                env={**os.environ, "PYTHONPATH": str(pythonpath), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"})
         out = proc.stdout.read().decode() if capture else ""
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
@@ -199,7 +199,7 @@ def _py(*args: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), *args]
 
 
-def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool) -> dict:
+def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool, ref: Path | None = None) -> dict:
     base, adapter = work / f"base-L{layers}", work / f"adapter-L{layers}"
     if not (base / "config.json").is_file():
         print(f"building base with {layers} layers ...", file=sys.stderr)
@@ -214,6 +214,8 @@ def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool) -> dict:
                              "-o", str(out), "--json"], True),
         "peft": lambda out: (_py("--child", "peft-merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)), False),
     }
+    if ref is not None:  # another checkout's qvl_plugin (e.g. the previous commit), paired with this one
+        runs["qvl-ref"] = runs["qvl"]
     names = [n for n in runs if not (n == "peft" and skip_peft)]
     all_runs: dict[str, list[dict]] = {n: [] for n in names}
     for rep in range(repeat):
@@ -224,7 +226,7 @@ def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool) -> dict:
             os.sync()
             cmd, capture = runs[name](out)
             print(f"  {name} (run {rep + 1}) ...", file=sys.stderr)
-            m = _measure(cmd, capture)
+            m = _measure(cmd, capture, ref if name == "qvl-ref" else REPO)
             os.sync()
             if name.startswith("qvl"):
                 m["report"] = json.loads(m.pop("stdout"))["seconds"]
@@ -240,7 +242,7 @@ def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool) -> dict:
     if not skip_peft:
         cmp = _measure(_py("--child", "compare", "--a", str(work / f"out-qvl-L{layers}"), "--b", str(work / f"out-peft-L{layers}")), True)
         res["compare"] = json.loads(cmp["stdout"])
-    for name in ("qvl", "peft"):
+    for name in ("qvl", "peft", "qvl-ref"):
         shutil.rmtree(work / f"out-{name}-L{layers}", ignore_errors=True)
     return res
 
@@ -288,6 +290,11 @@ def _table(results: list[dict], startup: dict) -> str:
         proj = ", ".join(f"{name}: ~{a0 + slope * n / 1e9:.0f} s" for name, n in PROJECT.items())
         lines.append(f"Extrapolation (not measured; same r=64 all-linear adapter, same machine, peak RSS as measured): {proj}.")
     for r in results:
+        if "qvl-ref" in r:
+            x, y = r["qvl-ref"], r["qvl"]
+            lines.append(f"{gb(r['base_bytes'])}: --ref tree {x['seconds']:.2f} s, {x['rss_mb']:.0f} MB; this tree {y['seconds']:.2f} s, {y['rss_mb']:.0f} MB "
+                         f"({x['seconds'] / y['seconds']:.2f}x).")
+    for r in results:
         if "compare" in r:
             c = r["compare"]
             lines.append(f"{gb(r['base_bytes'])}: (a) and (b) outputs: {c['equal']}/{c['common']} common tensors bitwise equal "
@@ -302,6 +309,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="paired runs per measurement; medians are reported")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic bases and adapters")
+    ap.add_argument("--ref", type=Path, help="also time the qvl_plugin of this tree (e.g. `git archive HEAD~1 | tar -x -C DIR`), paired")
     ap.add_argument("--peft-max-layers", type=int, default=12, help="run (b) only up to this many layers")
     ap.add_argument("--child", choices=["build", "adapter", "peft-merge", "compare", "products"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -324,7 +332,7 @@ def main() -> None:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     startup = _measure([sys.executable, "-c", "import qvl_plugin.cli, qvl_plugin.ckpt.merge, peft"])
-    results = [_run_size(work, n, args.repeat, args.skip_peft or n > args.peft_max_layers) for n in args.layers]
+    results = [_run_size(work, n, args.repeat, args.skip_peft or n > args.peft_max_layers, args.ref) for n in args.layers]
     (work / "bench.json").write_text(json.dumps({"startup": startup, "results": results}, indent=2))
     print(_table(results, startup))
     if not args.keep:

@@ -27,7 +27,7 @@ from ..errors import CheckpointError, UsageError
 from .devices import resolve_device, to_device
 from .keys import PEFT_PREFIX
 from .merge_plan import open_base
-from .reader import TensorReader
+from .reader import CHUNK_ELEMENTS, TensorReader
 from .view import Checkpoint, Entry
 from .shards import TensorSpec, plan_shards
 from .tokenizer_files import tokenizer_files
@@ -175,6 +175,22 @@ def _changed(x: torch.Tensor, y: torch.Tensor) -> bool:
     return x.shape != y.shape or not torch.equal(x, y)
 
 
+def _differs(mr: TensorReader, br: TensorReader, m: Entry, b: Entry) -> bool:
+    """MERGED's tensor differs from BASE's: row chunk by row chunk when shape and dtype agree."""
+    if m.shape == b.shape and m.dtype == b.dtype:
+        return not _equal_rows(mr, br, m, b)
+    x, y = mr.whole(m), br.whole(b)
+    return _changed(x, y.to(x.dtype) if y.dtype != x.dtype else y)
+
+
+def _equal_rows(mr: TensorReader, br: TensorReader, m: Entry, b: Entry) -> bool:
+    if len(m.shape) < 2:
+        return torch.equal(mr.whole(m), br.whole(b))
+    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(m.shape[1:])))
+    return all(torch.equal(mr.rows(m, i, min(m.shape[0], i + step)), br.rows(b, i, min(b.shape[0], i + step)))
+               for i in range(0, m.shape[0], step))
+
+
 def extract(
     merged: str | Path,
     base: str | Path,
@@ -316,18 +332,17 @@ def _run(mc, bc, mt, bt, mr, br, emb, head, out, opts: _Options, force, progress
             if progress is not None:
                 progress(n + 1, total)
             continue
-        values = {t: mr.whole(mt[t]) for t in names}
-        bases = {t: br.whole(bt[t]) for t in names}
         params = []
-        for t in names:
-            y = bases[t]
-            if _changed(values[t], y.to(values[t].dtype) if y.dtype != values[t].dtype else y):
+        for t in names:  # compared in row chunks: an unchanged (embedding-sized) tensor is never held whole
+            if _differs(mr, br, mt[t], bt[t]):
                 params.append(t.rpartition(".")[2])
             else:
                 unchanged += 1
         if params:
+            values = {t: mr.whole(mt[t]) for t in names}
+            bases = {t: br.whole(bt[t]) for t in names}
             _one_module(module, sorted(params), names, values, bases, mt, specials, mc, opts, tensors, modules, lora_modules, full_modules)
-        del values, bases
+            del values, bases
         if progress is not None:
             progress(n + 1, total)
 

@@ -95,3 +95,30 @@ def test_extract_scaling_options(inputs, tmp_path):
     r = _run("extract", tmp_path / "m", "--base", base, "-o", tmp_path / "y", "--include", "[")
     assert r.exit_code == 1 and r.output.startswith("error: ") and not (tmp_path / "y").exists()
     assert _run("extract", tmp_path / "m", "--base", base, "-o", tmp_path / "y", "--max-rank", "0").exit_code == 2
+
+
+def test_merge_write_failure_midway_through_a_streamed_tensor_is_one_line_and_no_output(inputs, tmp_path, monkeypatch):
+    """A write failing between row chunks ends the merge cleanly: one error line, no OUT, no temp dir."""
+    import qvl_plugin.ckpt.merge as merge_module
+    from qvl_plugin.ckpt.writer import CheckpointWriter
+    from qvl_plugin.errors import WriteError
+
+    base, adapter, _ = inputs
+    monkeypatch.setattr(merge_module, "CHUNK_ELEMENTS", 64 * 64)  # many chunks per tensor
+    calls = {"n": 0}
+    real = CheckpointWriter.write_chunk
+
+    def failing(self, chunk):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise WriteError("disk full (simulated)")
+        return real(self, chunk)
+
+    monkeypatch.setattr(CheckpointWriter, "write_chunk", failing)
+    r = _run("merge", adapter, "--base", base, "-o", tmp_path / "out", "--device", "cpu")
+    assert r.exit_code == 1 and r.output.startswith("error: ") and "disk full" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir()]  # no temp dir left either
+    r = _run("merge", adapter, "--base", base, "-o", tmp_path / "ok", "--json")
+    s = json.loads(r.output)["seconds"]
+    assert r.exit_code == 0 and {"read", "math", "write"} <= set(s)
