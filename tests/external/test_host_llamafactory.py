@@ -100,3 +100,21 @@ def test_llamafactory_export_names_its_one_difference(lf_run):
     _, _, exports, _ = lf_run
     assert exports["lora"][1] == exports["layer0-vision1"][1] == ""
     assert exports["lora-embed-head"][1].startswith("warning: tied: untie: LLaMA-Factory 0.9.5 keeps")
+
+
+@pytest.mark.parametrize("recipe", CASES)
+def test_llamafactory_run_dir_lists_and_merges(lf_run, recipe, tmp_path):
+    """The real LLaMA-Factory output dir (final adapter at the top, checkpoint-N below): `ls` lists both,
+    complete, and `merge RUN_DIR` uses the final adapter and writes a model that audits clean."""
+    base, root, _, _ = lf_run
+    run_dir = root / recipe
+    proc = qvl_ckpt("ls", str(run_dir), "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    listing = json.loads(proc.stdout)
+    kinds = {c["name"]: c for c in listing["checkpoints"]}
+    assert kinds["checkpoint-2"]["complete"] and kinds["checkpoint-2"]["step"] == 2
+    assert listing["newest_complete"] is not None
+    proc = qvl_ckpt("merge", str(run_dir), "--base", str(base), "-o", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = qvl_ckpt("audit", str(tmp_path / "merged"), "--base", str(base))
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -88,3 +88,20 @@ def test_swift_checkpoint_passes_audit(swift_run, recipe):
     assert (run_dir / "checkpoint-2" / "adapter_config.json").is_file(), sorted(p.name for p in run_dir.iterdir())
     proc = qvl_ckpt("audit", str(run_dir), "--base", str(base))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("recipe", RUNS)
+def test_swift_run_dir_lists_and_merges(swift_run, recipe, tmp_path):
+    """The real ms-swift output dir: `ls` finds checkpoint-2 complete (and `last-checkpoint` when ms-swift
+    wrote it), and `merge RUN_DIR` picks it and writes a model that audits clean."""
+    base, root, _, _ = swift_run
+    run_dir = root / recipe
+    proc = qvl_ckpt("ls", str(run_dir), "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    listing = json.loads(proc.stdout)
+    assert listing["newest_complete"] is not None and listing["newest_complete"].endswith("checkpoint-2")
+    proc = qvl_ckpt("merge", str(run_dir), "--base", str(base), "-o", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "checkpoint-2" in proc.stderr  # the choice is said
+    proc = qvl_ckpt("audit", str(tmp_path / "merged"), "--base", str(base))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
