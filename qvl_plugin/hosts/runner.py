@@ -224,7 +224,8 @@ def run_training(config: TrainConfig | str | Path, *, max_steps: int | None = No
 
     from .callback import QvlSaveCallback
     from .data import JsonCaptions, QwenVLCollator, SyntheticCaptions
-    from .saving import _commit, _dist, _tmp_sibling
+    from .gather import dist_rank
+    from .saving import _commit, _tmp_sibling
     from .tiny import build_tiny_model, load_processor, save_base
     from ..recipes import apply_recipe
 
@@ -243,7 +244,7 @@ def run_training(config: TrainConfig | str | Path, *, max_steps: int | None = No
     model = build_tiny_model(config.seed) if config.embedded else None
     args = _training_arguments(config, out)
     _ = args.device  # sets up accelerate's state (and the process group under torchrun) before rank checks
-    distributed, rank = _dist()
+    distributed, rank = dist_rank()
     set_seed(config.seed)
     zero3 = _zero_stage(config) == 3
 
