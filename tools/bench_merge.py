@@ -184,12 +184,13 @@ def _measure(cmd: list[str], capture: bool = False, pythonpath: Path = REPO) -> 
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
-    return {"seconds": wall, "rss_mb": usage.ru_maxrss / 1024, "stdout": out}
+    return {"seconds": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024, "stdout": out}
 
 
 def _median_run(ms: list[dict]) -> dict:
     """Medians of the runs' wall time, peak RSS and (for qvl) each part of the reported time split."""
-    out = {"seconds": statistics.median(m["seconds"] for m in ms), "rss_mb": statistics.median(m["rss_mb"] for m in ms), "runs": len(ms)}
+    out = {"seconds": statistics.median(m["seconds"] for m in ms), "cpu_s": statistics.median(m["cpu_s"] for m in ms),
+           "rss_mb": statistics.median(m["rss_mb"] for m in ms), "runs": len(ms)}
     if "report" in ms[0]:
         out["report"] = {k: statistics.median(m["report"][k] for m in ms) for k in ms[0]["report"]}
     return out
@@ -271,7 +272,7 @@ def _table(results: list[dict], startup: dict) -> str:
         s = a["report"]
         split = f"{s['plan']:.2f} / {s['read']:.2f} / {s['math']:.2f} / {s['write']:.2f} / {s['copy']:.2f} / {s['commit']:.2f} s"
         lines.append(
-            f"| {gb(r['base_bytes'])} ({r['layers']} layers) | {a['seconds']:.1f} s, {a['rss_mb']:.0f} MB | "
+            f"| {gb(r['base_bytes'])} ({r['layers']} layers) | {a['seconds']:.1f} s (CPU {a['cpu_s']:.1f} s), {a['rss_mb']:.0f} MB | "
             + (f"{b['seconds']:.1f} s, {b['rss_mb']:.0f} MB" if b else "not run") + f" | {c['seconds']:.1f} s | {d:.1f} s | "
             + (f"{b['seconds'] / a['seconds']:.1f}x faster" if b else "") + " | "
             + (f"{a['rss_mb'] / b['rss_mb']:.2f}x" if b else "") + f" | {a['seconds'] / (c['seconds'] + d):.2f} | {split} |"
@@ -283,12 +284,13 @@ def _table(results: list[dict], startup: dict) -> str:
             lines.append(f"(a) peak RSS {r0['qvl']['rss_mb']:.0f} -> {r1['qvl']['rss_mb']:.0f} MB ({r1['qvl']['rss_mb'] / r0['qvl']['rss_mb']:.2f}x) "
                          f"when layers go {r0['layers']} -> {r1['layers']} (base {r1['base_bytes'] / r0['base_bytes']:.2f}x).")
         xs = [r["base_bytes"] / 1e9 for r in results]
-        a0, slope = _fit(xs, [r["qvl"]["seconds"] for r in results])
-        worst = max(abs(a0 + slope * x - r["qvl"]["seconds"]) / r["qvl"]["seconds"] for x, r in zip(xs, results))
-        lines.append(f"(a) time ≈ {a0:.2f} s + {slope:.2f} s/GB (least squares over {len(xs)} sizes, worst residual {100 * worst:.0f}%). "
-                     f"Process start-up alone (python + torch + transformers + qvl_plugin imports): {startup['seconds']:.1f} s, {startup['rss_mb']:.0f} MB.")
-        proj = ", ".join(f"{name}: ~{a0 + slope * n / 1e9:.0f} s" for name, n in PROJECT.items())
-        lines.append(f"Extrapolation (not measured; same r=64 all-linear adapter, same machine, peak RSS as measured): {proj}.")
+        for what in ("seconds", "cpu_s"):  # wall time, and CPU time (user + sys: less sensitive to other jobs on the cores)
+            a0, slope = _fit(xs, [r["qvl"][what] for r in results])
+            worst = max(abs(a0 + slope * x - r["qvl"][what]) / r["qvl"][what] for x, r in zip(xs, results))
+            proj = ", ".join(f"{name}: ~{a0 + slope * n / 1e9:.0f} s" for name, n in PROJECT.items())
+            lines.append(f"(a) {'wall' if what == 'seconds' else 'CPU'} time ≈ {a0:.2f} s + {slope:.2f} s/GB (least squares over {len(xs)} sizes, "
+                         f"worst residual {100 * worst:.0f}%); extrapolation, not measured: {proj}.")
+        lines.append(f"Process start-up alone (python + torch + transformers + qvl_plugin imports): {startup['seconds']:.1f} s, {startup['rss_mb']:.0f} MB.")
     for r in results:
         if "qvl-ref" in r:
             x, y = r["qvl-ref"], r["qvl"]
