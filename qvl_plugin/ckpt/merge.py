@@ -121,7 +121,7 @@ def _execute(plan: MergePlan, w: CheckpointWriter, clock: _Clock, progress: Call
                 _finite_or_fail(tp, chunk)
                 clock.run("write", w.write_chunk, chunk)
             w.end()
-        elif len(tp.shape) >= 2 and tp.bias_lora is None and (tp.lora is None or mm.streams_by_rows(tp.lora.kind, tp.lora.fan_in_fan_out, tp.lora.dora)):
+        elif len(tp.shape) >= 2 and tp.bias_lora is None and (tp.lora is None or _by_rows(tp.lora)):
             factors = clock.run("read", _factors, tp, ar, device) if tp.lora is not None else None
             w.begin(tp.name)
             for chunk in _stream(tp, reader, rows, factors, clock, buffers):
@@ -139,6 +139,13 @@ def _execute(plan: MergePlan, w: CheckpointWriter, clock: _Clock, progress: Call
         done += tp.dtype.itemsize * math.prod(tp.shape)
         if progress is not None:
             progress(done, total)
+
+
+def _by_rows(op) -> bool:
+    """Can this LoRA/DoRA stream over row chunks with the whole merge's bits?"""
+    if op.dora:
+        return mm.dora_streams_by_rows(op.kind, op.fan_in_fan_out)
+    return mm.streams_by_rows(op.kind, op.fan_in_fan_out, op.dora)
 
 
 def _needs_check(tp: TensorPlan, factors: dict[str, torch.Tensor] | None) -> bool:
@@ -184,7 +191,10 @@ def _stream(tp: TensorPlan, reader: TensorReader, rows, factors, clock: _Clock, 
         read_buf, work, out = buffers.get((stop - start) * row, (stop - start) * row * tp.source.dtype.itemsize, tp.dtype)
         chunk = clock.run("read", reader.rows, tp.source, start, stop, read_buf)
         t0 = time.perf_counter()
-        if op is not None:
+        if op is not None and op.dora:
+            chunk = out[: chunk.numel()].view(chunk.shape).copy_(mm.dora_rows(chunk, start, stop, factors["a"], factors["b"], factors["m"],
+                                                                           op.scaling, out_dtype=tp.dtype))
+        elif op is not None:
             chunk = mm.lora_rows(chunk, start, stop, factors["a"], factors["b"], op.scaling, kind=op.kind,
                                  fan_in_fan_out=op.fan_in_fan_out, out_dtype=tp.dtype, work=work, out=out)
         elif chunk.dtype != tp.dtype or rows is not None:  # never edit rows in place in a reader's (mmap'd) tensor

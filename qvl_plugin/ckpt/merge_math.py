@@ -44,6 +44,8 @@ __all__ = [
     "merge_param",
     "row_spans",
     "streams_by_rows",
+    "dora_streams_by_rows",
+    "dora_rows",
 ]
 
 Kind = Literal["linear", "embedding", "conv", "param"]
@@ -331,3 +333,21 @@ def _rows_on(device: torch.device, weight_rows: torch.Tensor, start: int, stop: 
     if kind == "embedding" and out_dtype != torch.float32:
         return delta.to(out_dtype).add_(w)
     return torch.add(delta, w).to(out_dtype)
+
+
+def dora_streams_by_rows(kind: Kind, fan_in_fan_out: bool) -> bool:
+    """DoRA on a plain Linear: the weight norm is per output row, so row chunks give the whole merge's bits
+    (each row's norm is its own reduction). Conv1D and Embedding take the norm across rows: whole."""
+    return kind == "linear" and not fan_in_fan_out
+
+
+def dora_rows(weight_rows: torch.Tensor, start: int, stop: int, lora_a: torch.Tensor, lora_b: torch.Tensor,
+              magnitude: torch.Tensor, scaling: float, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of :func:`merge_dora` on a Linear (``magnitude (out,)``), with :func:`merge_dora`'s
+    operation sequence; the chunk rule of :func:`row_spans` applies. On the factors' device."""
+    out_dtype = out_dtype or weight_rows.dtype
+    w = weight_rows.to(lora_a.device)
+    delta = (_f32(lora_b)[start:stop] @ _f32(lora_a)) * scaling
+    norm = torch.linalg.norm(w + delta, dim=1)
+    factor = (_f32(magnitude)[start:stop] / norm).view(-1, 1)
+    return (factor * (w + delta)).to(out_dtype)

@@ -87,6 +87,20 @@ def test_device_rows_path_is_the_cpu_sequence(kind, fifo, dtype):
         assert torch.equal(want, got)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dora_rows_give_the_whole_merge_bits(dtype):
+    """DoRA on a Linear streams by rows (on any device): chunks of >= MIN_CHUNK_ROWS rows, the whole result."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 96, generator=g).mul_(0.02).to(dtype)
+    a, b, m = torch.randn(8, 96, generator=g) * 0.1, torch.randn(300, 8, generator=g) * 0.1, torch.rand(300, generator=g) + 0.5
+    whole = mm.merge_dora(w, a, b, m, 0.7, out_dtype=torch.bfloat16)
+    for step in (64, 100, 300):
+        parts = [mm.dora_rows(w[i:j], i, j, a, b, m, 0.7, out_dtype=torch.bfloat16) for i, j in mm.row_spans(300, step)]
+        assert torch.equal(torch.cat(parts), whole)
+    assert mm.dora_streams_by_rows("linear", False) and not mm.dora_streams_by_rows("linear", True)
+    assert not mm.dora_streams_by_rows("embedding", False) and not mm.dora_streams_by_rows("conv", False)
+
+
 @pytest.mark.parametrize("variant", ["linear-embed-head", "dora"])
 def test_merge_auto_equals_cpu_and_device_reaches_products(adapters, tmp_path, fake_cuda, variant):
     base, ads = adapters

@@ -122,3 +122,29 @@ def test_merge_write_failure_midway_through_a_streamed_tensor_is_one_line_and_no
     r = _run("merge", adapter, "--base", base, "-o", tmp_path / "ok", "--json")
     s = json.loads(r.output)["seconds"]
     assert r.exit_code == 0 and {"read", "math", "write"} <= set(s)
+
+
+def test_dora_linear_streams_in_row_chunks_with_the_whole_merge_bits(inputs, tmp_path, monkeypatch):
+    """DoRA on a Linear goes through the row-chunked path (per-row norms): the same bytes as one chunk."""
+    import qvl_plugin.ckpt.merge as merge_module
+    from qvl_plugin.ckpt import merge_math as mm
+    from tests.factories import build_model
+
+    base, _, _ = inputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, dora = make_adapter(build_model("qwen2-vl", tied=True), ADAPTER_VARIANTS["dora"]("x"), tmp_path / "dora")
+    assert _run("merge", dora, "--base", base, "-o", tmp_path / "whole", "--device", "cpu").exit_code == 0
+    calls = {"n": 0}
+    real = mm.dora_rows
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(mm, "dora_rows", counting)
+    monkeypatch.setattr(merge_module, "CHUNK_ELEMENTS", 64 * 64)  # 64-row chunks: several per weight
+    r = _run("merge", dora, "--base", base, "-o", tmp_path / "chunked", "--device", "cpu", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["counts"]["dora"] > 0 and calls["n"] >= json.loads(r.output)["counts"]["dora"]
+    files = lambda d: {f.name: f.read_bytes() for f in sorted(d.glob("*.safetensors"))}
+    assert files(tmp_path / "whole") == files(tmp_path / "chunked")
