@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from qvl_plugin.ckpt import merge_math as mm  # noqa: E402
-from qvl_plugin.ckpt.extract import _svd  # noqa: E402
+from qvl_plugin.ckpt.svd import truncated_svd as _svd  # noqa: E402
 from qvl_plugin.ckpt.merge import _rows_per_chunk  # noqa: E402
 
 SHAPES = {"mlp (8960x1536)": ((8960, 1536), "linear"), "attn (1536x1536)": ((1536, 1536), "linear"),

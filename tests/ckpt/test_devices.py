@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from qvl_plugin.ckpt import devices, diff as diff_mod, effect, extract as extract_mod, merge as merge_mod
+from qvl_plugin.ckpt import devices, diff as diff_mod, effect, extract as extract_mod, merge as merge_mod, svd as svd_mod
 from qvl_plugin.ckpt import merge_math as mm
 from qvl_plugin.ckpt.diff import diff_checkpoints
 from qvl_plugin.ckpt.extract import extract
@@ -50,7 +50,7 @@ def fake_cuda(monkeypatch):
         return t
 
     monkeypatch.setattr(devices, "cuda_available", lambda: True)
-    for mod in (merge_mod, effect, extract_mod):
+    for mod in (merge_mod, effect, extract_mod, svd_mod):
         monkeypatch.setattr(mod, "to_device", to_device)
     return seen
 

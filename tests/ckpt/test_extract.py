@@ -10,7 +10,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
-from qvl_plugin.ckpt.extract import _svd, choose_rank, extract, svd_factors
+from qvl_plugin.ckpt.extract import choose_rank, extract, svd_factors
+from qvl_plugin.ckpt.svd import truncated_svd as _svd
 from qvl_plugin.ckpt.merge import merge
 from qvl_plugin.errors import CheckpointError, UsageError
 from tests.factories import ADAPTER_VARIANTS, build_model, logits, make_adapter
