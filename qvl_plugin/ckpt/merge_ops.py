@@ -14,7 +14,7 @@ from .shards import TensorSpec
 from .view import Checkpoint, Entry
 from .vocab import VocabResize
 
-__all__ = ["MergeError", "LoraOp", "BiasOp", "TensorPlan", "MergePlan", "parse_dtype", "delta_bound", "DTYPE_CONFIG_NAMES"]
+__all__ = ["MergeError", "LoraOp", "BiasOp", "TargetOps", "TensorPlan", "MergePlan", "parse_dtype", "delta_bound", "DTYPE_CONFIG_NAMES"]
 
 _DTYPES = {
     "auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -139,3 +139,17 @@ class MergePlan:
             c["bias_lora"] += t.bias_lora is not None
             c["unchanged"] += not t.changed
         return c
+
+
+@dataclass
+class TargetOps:
+    """Everything the adapter does to one canonical base tensor (collected before planning)."""
+
+    replace: Entry | None = None
+    lora: LoraOp | None = None
+    bias_lora: BiasOp | None = None
+    rows: tuple[Entry, tuple[int, ...]] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.replace is None and self.lora is None and self.bias_lora is None and self.rows is None

@@ -9,8 +9,6 @@ executor in ``merge.py`` then only streams.
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,8 +16,8 @@ import torch
 from ..errors import AdapterConfigError, UsageError
 from . import merge_math as mm
 from .declared import WAYS_OUT, undelivered
-from .merge_params import plan_param_lora
-from .merge_ops import DTYPE_CONFIG_NAMES, BiasOp, LoraOp, MergeError, MergePlan, TensorPlan, parse_dtype
+from .merge_lora import plan_lora
+from .merge_ops import DTYPE_CONFIG_NAMES, MergeError, MergePlan, TargetOps, TensorPlan, parse_dtype
 from .reader import TensorReader, all_finite_rows, equal_rows
 from .view import Checkpoint, Entry, Role, open_checkpoint
 from .tokenizer_files import unsaved_resize
@@ -86,20 +84,6 @@ def _few(items: list[tuple[str, str]]) -> str:
     shown = "; ".join(f"{k}: {why}" for k, why in items[:_MAX_LISTED])
     more = f"; ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
     return shown + more
-
-
-@dataclass
-class _Ops:
-    """Everything the adapter does to one canonical base tensor (collected before planning)."""
-
-    replace: Entry | None = None
-    lora: LoraOp | None = None
-    bias_lora: BiasOp | None = None
-    rows: tuple[Entry, tuple[int, ...]] | None = None
-
-    @property
-    def empty(self) -> bool:
-        return self.replace is None and self.lora is None and self.bias_lora is None and self.rows is None
 
 
 def plan_merge(
@@ -208,13 +192,13 @@ def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check
             w = base_entry(target)
             return tuple(w.shape) if w is not None else None
 
-        ops: dict[str, _Ops] = {}
+        ops: dict[str, TargetOps] = {}
         modules: dict[str, dict[Role, Entry]] = {}
         for e in ad.entries:
             if e.key in reported:
                 continue
             if e.role in (Role.FULL, Role.BIAS):
-                o = ops.setdefault(e.target, _Ops())
+                o = ops.setdefault(e.target, TargetOps())
                 if o.replace is not None:
                     problems.append((e.key, f"a second replacement for {e.target!r} (also {o.replace.key!r})"))
                     continue
@@ -232,7 +216,7 @@ def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check
                 elif want is not None and (len(want) != 2 or want[1] != e.shape[1] or max(idx) >= want[0]):
                     problems.append((e.key, f"rows {list(e.shape)} (max index {max(idx)}) do not fit the base {list(want)}"))
                 else:
-                    ops.setdefault(e.target, _Ops()).rows = (e, tuple(idx))
+                    ops.setdefault(e.target, TargetOps()).rows = (e, tuple(idx))
             else:
                 roles = modules.setdefault(e.target if e.param_wrapper else e.module, {})
                 if e.role in roles:
@@ -240,7 +224,7 @@ def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check
                 roles[e.role] = e
 
         for module, roles in modules.items():
-            _plan_lora(module, roles, settings, shape_of, ops, problems, value, ad.format, base.layout, base_entry)
+            plan_lora(module, roles, settings, shape_of, ops, problems, value, ad.format, base.layout, base_entry)
 
         if problems:
             raise MergeError(
@@ -250,7 +234,7 @@ def _plan(base: Checkpoint, ad: Checkpoint, out_dtype: torch.dtype | None, check
 
         # -- tied embedding / head: follow the trained (unmerged) model ----------------------------------
         untie = False
-        emb_ops, head_ops = ops.setdefault(emb_t, _Ops()), ops.setdefault(head_t, _Ops())
+        emb_ops, head_ops = ops.setdefault(emb_t, TargetOps()), ops.setdefault(head_t, TargetOps())
         if resize is not None:
             _follow_tied(resize, emb_ops, head_ops)
             notes.append(_vocab_note(resize))
@@ -295,7 +279,7 @@ def _hint_missing(e: Entry, targets: dict[str, Entry]) -> str:
     return f" (the base has e.g. {similar[0]!r}: a different model family or depth?)" if similar else " (wrong base?)"
 
 
-def _follow_tied(resize: VocabResize, emb_ops: _Ops, head_ops: _Ops) -> None:
+def _follow_tied(resize: VocabResize, emb_ops: TargetOps, head_ops: TargetOps) -> None:
     """On a tied base, a side the adapter did not save follows the other's saved base layer (PEFT tied the
     wrapped module's base layer to it in memory)."""
     if resize.head is None and head_ops.replace is None:
@@ -310,87 +294,7 @@ def _vocab_note(resize: VocabResize) -> str:
             f"vocab_size set to {resize.rows}")
 
 
-def _plan_lora(module, roles, settings, shape_of, ops, problems, value, fmt, layout, base_entry) -> None:
-    a = roles.get(Role.LORA_A) or roles.get(Role.EMB_A)
-    b = roles.get(Role.LORA_B) or roles.get(Role.EMB_B)
-    mag, bias_b = roles.get(Role.MAGNITUDE), roles.get(Role.LORA_BIAS)
-    first = next(iter(roles.values()))
-    if a is None or b is None:
-        problems.append((first.key, f"module {module!r} has {'lora_A' if a is None else 'lora_B'} missing"))
-        return
-    if (a.role is Role.EMB_A) != (b.role is Role.EMB_B):
-        problems.append((a.key, "mixes embedding and linear LoRA factors"))
-        return
-    if 0 in a.shape or 0 in b.shape or len(a.shape) < 2 or len(b.shape) < 2:
-        return  # already reported
-    target = a.target
-    w_shape = shape_of(target)
-    if w_shape is None:
-        return  # already reported
-    rank = a.shape[0]
-    if b.shape[1] != rank and not a.param_wrapper:
-        problems.append((b.key, f"rank {b.shape[1]} but lora_A has rank {rank}"))
-        return
-    if settings is None or settings.alpha_for(a.source_module) is None:
-        alpha_hint = (
-            "a .pth dump carries no lora_alpha: pass --adapter-config (the run's adapter_config.json) or --lora-alpha; "
-            "it is never guessed"
-        )
-        if fmt == "peft" and settings is not None:
-            settings.lora_alpha = 8.0  # PEFT's own default when the config omits it
-        else:
-            raise AdapterConfigError(alpha_hint)
-    if a.param_wrapper or b.param_wrapper:
-        op = plan_param_lora(a, b, base_entry(target), settings, layout)
-        if isinstance(op, str):
-            problems.append((a.key, op))
-        else:
-            ops.setdefault(target, _Ops()).lora = op
-        return
-    scaling = settings.scaling(a.source_module, rank)
-    fifo = False
-    if a.role is Role.EMB_A:
-        kind: mm.Kind = "embedding"
-        if len(w_shape) != 2 or a.shape != (rank, w_shape[0]) or b.shape != (w_shape[1], rank):
-            problems.append((a.key, f"embedding LoRA A {list(a.shape)} / B {list(b.shape)} does not fit the base {list(w_shape)}"))
-            return
-        out_features = w_shape[1]
-    elif len(a.shape) == 2:
-        kind = "linear"
-        f = mm.fan_in_fan_out_from_shape(w_shape, a.shape, b.shape, hint=bool(settings.fan_in_fan_out))
-        if f is None:
-            problems.append((a.key, f"LoRA A {list(a.shape)} / B {list(b.shape)} does not fit the base {list(w_shape)}"))
-            return
-        fifo, out_features = f, b.shape[0]
-    else:
-        kind = "conv"
-        if len(w_shape) != len(a.shape) or w_shape[0] != b.shape[0] or tuple(a.shape[2:]) != tuple(w_shape[2:]) or any(s != 1 for s in b.shape[2:]) or len(b.shape) != len(w_shape):
-            problems.append((a.key, f"conv LoRA A {list(a.shape)} / B {list(b.shape)} does not fit the base {list(w_shape)}"))
-            return
-        if a.shape[1] != w_shape[1]:
-            problems.append((a.key, f"conv LoRA A {list(a.shape)} on a grouped conv {list(w_shape)} (groups > 1 cannot be merged)"))
-            return
-        out_features = w_shape[0]
-    if mag is not None and math.prod(mag.shape) != out_features:
-        problems.append((mag.key, f"DoRA magnitude {list(mag.shape)} does not fit {out_features} output features"))
-        return
-    op = LoraOp(kind, a, b, scaling, rank, fifo, mag)
-    o = ops.setdefault(target, _Ops())
-    o.lora = op
-    if bias_b is not None:
-        bias_target = f"{module}.bias"
-        bw = shape_of(bias_target)
-        if mag is not None:
-            problems.append((bias_b.key, "lora_bias together with DoRA cannot be merged (PEFT refuses it too)"))
-        elif bw is None:
-            problems.append((bias_b.key, f"lora_B.bias but the base has no {bias_target!r}"))
-        elif tuple(bias_b.shape) != tuple(bw):
-            problems.append((bias_b.key, f"shape {list(bias_b.shape)} but the base bias has {list(bw)}"))
-        else:
-            ops.setdefault(bias_target, _Ops()).bias_lora = BiasOp(bias_b, scaling)
-
-
-def _same_effect(x: _Ops, y: _Ops, readers: dict[str, TensorReader], value) -> bool:
+def _same_effect(x: TargetOps, y: TargetOps, readers: dict[str, TensorReader], value) -> bool:
     """Do the embedding's and the head's changes give the same tensor (so the tie can stay)?
 
     Conservative: True only when it is certain (nothing on either side, equal replacements, the mirrored
@@ -419,7 +323,7 @@ def _same_effect(x: _Ops, y: _Ops, readers: dict[str, TensorReader], value) -> b
     return True
 
 
-def _tensor_plan(name: str, target: str, base_e: Entry, o: _Ops | None, out_dtype: torch.dtype | None) -> TensorPlan:
+def _tensor_plan(name: str, target: str, base_e: Entry, o: TargetOps | None, out_dtype: torch.dtype | None) -> TensorPlan:
     src = o.replace if o is not None and o.replace is not None else base_e
     dt = out_dtype if out_dtype is not None and base_e.dtype.is_floating_point else base_e.dtype
     tp = TensorPlan(name, target, tuple(src.shape), dt, src, replaced=src is not base_e)  # a resized vocab: the adapter's rows
