@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ..compat import dtype_kwarg
 from ..errors import QvlError
 from .config import FORCED_ARGS, TrainConfig, TrainConfigError, fail, load_train_config
 
@@ -135,19 +136,6 @@ def _reload_adapter(base: Path | None, adapter: Path | None):
     model = AutoModelForImageTextToText.from_pretrained(str(base), **dtype_kwarg(torch.float32), local_files_only=True,
                                                         trust_remote_code=False)
     return PeftModel.from_pretrained(model, str(adapter))
-
-
-def dtype_kwarg(value: Any) -> dict[str, Any]:
-    """``{"dtype": value}`` for ``from_pretrained``; ``torch_dtype`` before transformers 4.56, which has no ``dtype``
-    (4.52-4.55 hand an unknown ``dtype`` to the model's ``__init__``: TypeError)."""
-    return {"dtype" if _has_dtype_kwarg() else "torch_dtype": value}
-
-
-def _has_dtype_kwarg() -> bool:
-    import transformers
-    from packaging.version import Version
-
-    return Version(transformers.__version__).release >= (4, 56)
 
 
 def _load_model(config: TrainConfig):

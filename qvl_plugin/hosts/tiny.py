@@ -37,11 +37,12 @@ def build_tiny_model(seed: int = 0, config_dir: str | Path | None = None):
 def load_config(config_dir: str | Path | None = None):
     """The model config of ``config_dir`` (default: the tiny one). The shipped file is written by transformers 5;
     on 4.x its 5.x names are read as 4.x names (see :func:`config_for_transformers4`)."""
-    import transformers
     from transformers import AutoConfig
 
+    from ..compat import version_at_least
+
     path = Path(str(config_dir or tiny_dir()))
-    if int(transformers.__version__.split(".")[0]) >= 5:
+    if version_at_least("transformers", 5):
         return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     raw = config_for_transformers4(json.loads((path / "config.json").read_text()))
     return AutoConfig.for_model(raw.pop("model_type"), **raw)

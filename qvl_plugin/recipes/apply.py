@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..compat import version_at_least
 from ..layouts import GROUPS, Layout, detect_layout, get_layout
 from .schema import FAMILIES, Recipe, RecipeError, close, family_modules
 
@@ -157,8 +158,8 @@ class RecipePlan:
             kwargs["target_parameters"] = list(self.recipe.target_parameters)
         if self.token_rows:
             rows = {m: list(ids) for m, ids in self.token_rows.items()}
-            if self.shared_token_rows and not _peft_ties_listed_head():
-                # PEFT < 0.21 gives a listed tied head rows of its own (they drift apart from the embedding's
+            if self.shared_token_rows and not version_at_least("peft", 0, 21):
+                # PEFT < 0.21 (measured on 0.15.2; 0.21.2 shares them) gives a listed tied head rows of its own (they drift apart from the embedding's
                 # while the config stays tied); listed alone, the embedding's rows are shared with the tied head
                 # (PEFT >= 0.15), which is what tied='tie' means.
                 rows = {m: ids for m, ids in rows.items() if self.layout.group(m) != "head"}
@@ -168,15 +169,6 @@ class RecipePlan:
                 raise RecipeError(f"recipe {self.recipe.name}: tied='tie' needs peft >= 0.18 (ensure_weight_tying)")
             kwargs["ensure_weight_tying"] = True
         return LoraConfig(**kwargs)
-
-
-def _peft_ties_listed_head() -> bool:
-    """Whether PEFT shares the embedding's trainable token rows with a tied head that trainable_token_indices
-    lists too (measured: 0.21.2 does, 0.15.2 does not)."""
-    import peft
-    from packaging.version import Version
-
-    return Version(peft.__version__).release >= (0, 21)
 
 
 def _shape_of(name: str) -> str:

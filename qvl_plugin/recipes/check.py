@@ -99,7 +99,7 @@ def build_meta_model(model_dir: str | Path):
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)  # never run or ask to run a model's code
     except Exception as e:
         raise RecipeError(f"{model_dir}/config.json: transformers cannot read it ({type(e).__name__}: {e})") from None
-    from ..hosts.runner import dtype_kwarg  # dtype= (transformers >= 4.56) or torch_dtype=
+    from ..compat import dtype_kwarg  # dtype= (transformers >= 4.56) or torch_dtype=
 
     dtype = dtype_kwarg(_dtype(config))
     with warnings.catch_warnings(), torch.device("meta"):

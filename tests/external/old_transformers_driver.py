@@ -94,7 +94,7 @@ def load_image_text(path: Path):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from qvl_plugin.hosts.runner import dtype_kwarg  # dtype= (>= 4.56) or torch_dtype=
+    from qvl_plugin.compat import dtype_kwarg  # dtype= (>= 4.56) or torch_dtype=
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
