@@ -17,11 +17,11 @@ import torch
 
 from ..units import human_bytes
 from ..errors import QvlError, UsageError
-from ..layouts import GROUPS, detect_layout, get_layout
+from ..layouts import GROUPS, Layout, detect_layout, get_layout
 from .apply import ModelIndex, PatternMatch, TrainableRow, apply_recipe, lora_numel, plan_recipe, trainable_report
 from .schema import Recipe, RecipeError
 
-__all__ = ["CheckReport", "check_recipe", "build_meta_model", "SUGGEST_TOKENS_BYTES"]
+__all__ = ["CheckReport", "check_recipe", "build_meta_model", "keys_index", "read_model_config", "SUGGEST_TOKENS_BYTES"]
 
 SUGGEST_TOKENS_BYTES = 256 * 2**20  # whole embedding+head above this: suggest trainable token rows
 _LORA_BYTES = 4  # PEFT keeps LoRA/trainable-token parameters in fp32 (autocast_adapter_dtype)
@@ -69,12 +69,13 @@ class CheckReport:
         }
 
 
-def _read_config(model_dir: Path) -> dict:
+def read_model_config(model_dir: Path, needed_by: str = "recipes check") -> dict:
+    """``model_dir/config.json``, read safely; a missing one names who needed it."""
     from ..ckpt.safety import read_json  # regular file, size cap: config.json may come from a stranger
 
     path = model_dir / "config.json"
     if not path.exists():
-        raise RecipeError(f"{model_dir}: no config.json (recipes check needs the model directory)")
+        raise RecipeError(f"{model_dir}: no config.json ({needed_by} needs the model directory)")
     try:
         return read_json(path)
     except QvlError as e:
@@ -94,7 +95,7 @@ def build_meta_model(model_dir: str | Path):
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
-    _read_config(model_dir)
+    read_model_config(model_dir)
     try:
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)  # never run or ask to run a model's code
     except Exception as e:
@@ -125,7 +126,7 @@ def check_recipe(recipe: Recipe | str, model_dir: str | Path, *, method: str = "
 
     recipe = get_recipe(recipe)
     model_dir = Path(model_dir)
-    config = _read_config(model_dir)
+    config = read_model_config(model_dir)
     layout = detect_layout(config=config)
     if method == "auto":
         method = "keys" if layout.name == "qwen-vl" else "meta"
@@ -170,20 +171,25 @@ def _hidden(index: ModelIndex, plan) -> int:
     return shape[0][1] if shape and len(shape[0]) == 2 else 0
 
 
-def _check_keys(recipe: Recipe, model_dir: Path, config: dict) -> CheckReport:
+def keys_index(model_dir: Path, layout: Layout, config: dict) -> ModelIndex:
+    """Module names and shapes from the checkpoint's own keys: Qwen-VL v1 has no transformers class."""
     from ..ckpt.view import open_checkpoint
 
-    layout = get_layout(recipe.family)
     try:
         ckpt = open_checkpoint(model_dir, format="merged", layout=layout)
     except QvlError as e:
-        raise RecipeError(f"{model_dir}: recipes check for {layout.title} reads the checkpoint's key names and shapes, "
-                          f"and could not: {e}") from None
+        raise RecipeError(f"{model_dir}: for {layout.title} (no transformers class) qvl reads the checkpoint's key names "
+                          f"and shapes, and could not: {e}") from None
     with ckpt:
         shapes = {e.target: (e.shape, e.dtype) for e in ckpt.entries}
     if not shapes:
         raise RecipeError(f"{model_dir}: no weight files; {layout.title} has no transformers class, so its checkpoint is needed")
-    index = ModelIndex.from_shapes(shapes, layout, config)
+    return ModelIndex.from_shapes(shapes, layout, config)
+
+
+def _check_keys(recipe: Recipe, model_dir: Path, config: dict) -> CheckReport:
+    layout = get_layout(recipe.family)
+    index = keys_index(model_dir, layout, config)
     plan = plan_recipe(index, recipe)
     r = recipe
     acc: dict[str, list[int]] = {g: [0, 0, 0, 0] for g in GROUPS}
@@ -231,8 +237,8 @@ def _check_keys(recipe: Recipe, model_dir: Path, config: dict) -> CheckReport:
         adapter += n * _LORA_BYTES
     pth = sum(v[3] for v in acc.values())
     rows = [TrainableRow(g, *v) for g, v in acc.items() if v[0] or v[1]]
-    dtypes = {d for _, d in shapes.values()}
-    dtype = str(max(dtypes, key=lambda d: sum(1 for _, x in shapes.values() if x == d))).removeprefix("torch.")
+    dtypes = {d for _, d in index.params.values()}
+    dtype = str(max(dtypes, key=lambda d: sum(1 for _, x in index.params.values() if x == d))).removeprefix("torch.")
     return _finish(recipe, model_dir, plan, "keys", dtype, rows, adapter, pth, whole, _hidden(index, plan))
 
 

@@ -119,23 +119,15 @@ def model_index(model_dir: Any) -> ModelIndex:
     from pathlib import Path
 
     from ..layouts import detect_layout
-    from .check import _read_config, build_meta_model
+    from .check import build_meta_model, keys_index, read_model_config
 
-    if not (Path(model_dir) / "config.json").exists():
-        raise RecipeError(f"{model_dir}: no config.json (--model needs the model directory)")
-    config = _read_config(Path(model_dir))
+    config = read_model_config(Path(model_dir), needed_by="--model")
     layout = detect_layout(config=config)
-    if layout.name != "qwen-vl":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return ModelIndex.from_model(build_meta_model(model_dir))
-    from ..ckpt.view import open_checkpoint
-
-    with open_checkpoint(Path(model_dir), format="merged", layout=layout) as ckpt:
-        shapes = {e.target: (e.shape, e.dtype) for e in ckpt.entries}
-    if not shapes:
-        raise RecipeError(f"{model_dir}: no weight files; {layout.title} module names come from its checkpoint")
-    return ModelIndex.from_shapes(shapes, layout, config)
+    if layout.name == "qwen-vl":
+        return keys_index(Path(model_dir), layout, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ModelIndex.from_model(build_meta_model(model_dir))
 
 
 def _cover(wanted: Iterable[str], names: Iterable[str], hit: Callable[[str, str], bool]) -> tuple[list[str], list[str]]:
