@@ -27,7 +27,7 @@ from ..errors import CheckpointError, UsageError
 from .devices import resolve_device, to_device
 from .keys import PEFT_PREFIX
 from .merge_plan import open_base
-from .reader import CHUNK_ELEMENTS, TensorReader
+from .reader import TensorReader, equal_rows
 from .view import Checkpoint, Entry
 from .shards import TensorSpec, plan_shards
 from .svd import SVD_METHODS, choose_rank, svd_factors, truncated_svd
@@ -81,17 +81,9 @@ def _changed(x: torch.Tensor, y: torch.Tensor) -> bool:
 def _differs(mr: TensorReader, br: TensorReader, m: Entry, b: Entry) -> bool:
     """MERGED's tensor differs from BASE's: row chunk by row chunk when shape and dtype agree."""
     if m.shape == b.shape and m.dtype == b.dtype:
-        return not _equal_rows(mr, br, m, b)
+        return not equal_rows(mr, m, b, br)
     x, y = mr.whole(m), br.whole(b)
     return _changed(x, y.to(x.dtype) if y.dtype != x.dtype else y)
-
-
-def _equal_rows(mr: TensorReader, br: TensorReader, m: Entry, b: Entry) -> bool:
-    if len(m.shape) < 2:
-        return torch.equal(mr.whole(m), br.whole(b))
-    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(m.shape[1:])))
-    return all(torch.equal(mr.rows(m, i, min(m.shape[0], i + step)), br.rows(b, i, min(b.shape[0], i + step)))
-               for i in range(0, m.shape[0], step))
 
 
 def extract(

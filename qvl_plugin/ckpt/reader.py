@@ -88,10 +88,12 @@ def all_finite_rows(reader: TensorReader, e: Entry) -> bool:
     return all(mm.all_finite(reader.rows(e, i, min(e.shape[0], i + step))) for i in range(0, e.shape[0], step))
 
 
-def equal_rows(reader: TensorReader, x: Entry, y: Entry) -> bool:
+def equal_rows(reader: TensorReader, x: Entry, y: Entry, y_reader: TensorReader | None = None) -> bool:
+    """Bit-equal tensors, compared row chunk by row chunk (never whole); ``y`` may live in another checkpoint."""
+    yr = y_reader or reader
     if x.shape != y.shape or x.dtype != y.dtype:
         return False
     if len(x.shape) < 2:
-        return torch.equal(reader.whole(x), reader.whole(y))
+        return torch.equal(reader.whole(x), yr.whole(y))
     step = max(1, CHUNK_ELEMENTS // max(1, math.prod(x.shape[1:])))
-    return all(torch.equal(reader.rows(x, i, min(x.shape[0], i + step)), reader.rows(y, i, min(y.shape[0], i + step))) for i in range(0, x.shape[0], step))
+    return all(torch.equal(reader.rows(x, i, min(x.shape[0], i + step)), yr.rows(y, i, min(y.shape[0], i + step))) for i in range(0, x.shape[0], step))
