@@ -15,13 +15,18 @@ Kinds of layer, decided by the caller from the entries and the base shape:
   ``W (E, out, in)`` with ``lora_A (r·E, in)``, ``lora_B (out, r·E)``, or a 2-D weight (the router). PEFT
   rounds this delta to the weight dtype before adding it, like the embedding's.
 
-Row-chunked variants (:func:`lora_rows`) let the merge stream a large tensor through a small buffer; a
-chunk of at least :data:`MIN_CHUNK_ROWS` rows gives the same bits as the whole matrix product.
+Row-chunked variants (:mod:`merge_rows`, re-exported here: :func:`row_spans`, :func:`lora_rows`,
+:func:`dora_rows`, ...) let the merge stream a large tensor through a small buffer; a chunk of at least
+:data:`MIN_CHUNK_ROWS` rows gives the same bits as the whole matrix product. What streams:
+
+* one pass, the whole merge's bits: plain LoRA on every kind but ``param`` (which streams by experts,
+  :func:`param_delta`); DoRA on a Linear and on a ConvNd (norm per output row / channel);
+* two passes (column norms first, :func:`dora_norm_rows`), within :data:`DORA_TWO_PASS_REL_TOL` of the whole
+  merge (fp32 output; 1 ulp for bf16/fp16): DoRA on an Embedding and on a Conv1D, whose norm runs across rows.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -45,7 +50,11 @@ __all__ = [
     "row_spans",
     "streams_by_rows",
     "dora_streams_by_rows",
+    "dora_needs_norm_pass",
+    "dora_norm_rows",
+    "dora_norm_finish",
     "dora_rows",
+    "DORA_TWO_PASS_REL_TOL",
 ]
 
 Kind = Literal["linear", "embedding", "conv", "param"]
@@ -251,103 +260,19 @@ def replace_rows(weight: torch.Tensor, indices: list[int] | torch.Tensor, rows: 
     return merged.to(out_dtype)
 
 
-def row_spans(n_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
-    """Split ``range(n_rows)`` into spans of about ``chunk_rows``; no span (but a lone one) is shorter than
-    :data:`MIN_CHUNK_ROWS`, so each chunked product rounds exactly as the whole one."""
-    chunk_rows = max(chunk_rows, MIN_CHUNK_ROWS)
-    spans, i = [], 0
-    while i < n_rows:
-        j = min(n_rows, i + chunk_rows)
-        if n_rows - j < MIN_CHUNK_ROWS:
-            j = n_rows
-        spans.append((i, j))
-        i = j
-    return spans
+# The row-chunked variants live in merge_rows (which imports this module's names at its end); re-exported here,
+# where the streaming merge looks them up.
+from .merge_rows import (  # noqa: E402
+    DORA_TWO_PASS_REL_TOL,
+    dora_needs_norm_pass,
+    dora_norm_finish,
+    dora_norm_rows,
+    dora_rows,
+    dora_streams_by_rows,
+    lora_rows,
+    row_spans,
+    streams_by_rows,
+)
+from . import merge_rows as _merge_rows  # noqa: E402
 
-
-def streams_by_rows(kind: Kind, fan_in_fan_out: bool, dora: bool) -> bool:
-    """Can this merge run over row chunks of W (bit-identical to the whole-tensor merge)?
-
-    Plain LoRA on a Linear, a Conv1D or an Embedding: each output row depends on one row of B (Linear) or
-    one column of A (Conv1D, Embedding). DoRA needs a norm over columns for some kinds, conv is small: whole.
-    """
-    return not dora and kind in ("linear", "embedding")
-
-
-def lora_rows(
-    weight_rows: torch.Tensor,
-    start: int,
-    stop: int,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-    *,
-    kind: Kind = "linear",
-    fan_in_fan_out: bool = False,
-    out_dtype: torch.dtype | None = None,
-    work: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Rows ``start:stop`` of :func:`merge_lora`'s result, given those rows of W (``lora_a``/``lora_b`` fp32).
-
-    Equal to ``merge_lora(W, ...)[start:stop]`` bit for bit when the span has >= :data:`MIN_CHUNK_ROWS`
-    rows or is the whole tensor (see :func:`row_spans`). ``work`` (fp32, at least twice the chunk's size) and
-    ``out`` (``out_dtype``, the chunk's size) are flat buffers reused instead of allocating: the streaming
-    merge's hot loop.
-    """
-    out_dtype = out_dtype or weight_rows.dtype
-    a, b = _f32(lora_a), _f32(lora_b)
-    rows = stop - start
-    shape = (rows,) + tuple(weight_rows.shape[1:])
-    n = rows * (math.prod(shape[1:]) if len(shape) > 1 else 1)
-    res = out.view(-1)[:n].view(shape) if out is not None else torch.empty(shape, dtype=out_dtype)
-    if a.device != weight_rows.device:  # factors on an accelerator (--device cuda): the same steps there
-        return res.copy_(_rows_on(a.device, weight_rows, start, stop, a, b, scaling, kind, fan_in_fan_out, out_dtype))
-    if kind == "linear" and not fan_in_fan_out:
-        delta = torch.mm(b[start:stop], a, out=work.view(-1)[:n].view(shape)) if work is not None else torch.mm(b[start:stop], a)
-        delta.mul_(scaling)
-        # W + delta in fp32, rounded once on store (PEFT's ``weight.data += delta``). W is widened first: torch's
-        # mixed-dtype add is not vectorised and costs ~3x the two same-dtype passes.
-        w32 = work.view(-1)[n: 2 * n].view(shape).copy_(weight_rows) if work is not None else weight_rows.float()
-        delta.add_(w32)
-        return res.copy_(delta)
-    # (B @ A[:, rows]).T: Conv1D (W is (in, out)) and Embedding (W is (vocab, dim))
-    t_shape = (shape[1], rows)
-    delta = torch.mm(b, a[:, start:stop], out=work.view(-1)[:n].view(t_shape)) if work is not None else torch.mm(b, a[:, start:stop])
-    delta = delta.mul_(scaling).T
-    if kind == "embedding" and out_dtype != torch.float32:
-        res.copy_(delta)  # PEFT rounds the embedding delta to the weight dtype first ...
-        res.add_(weight_rows)  # ... then adds in that dtype
-        return res
-    return torch.add(delta, weight_rows, out=res)
-
-
-def _rows_on(device: torch.device, weight_rows: torch.Tensor, start: int, stop: int, a: torch.Tensor, b: torch.Tensor,
-             scaling: float, kind: Kind, fan_in_fan_out: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """:func:`lora_rows` with the factors on ``device``: the chunk goes there, the same operation sequence
-    runs there (fp32 delta, one rounding; the embedding's delta rounded first), the result is on ``device``."""
-    w = weight_rows.to(device)
-    if kind == "linear" and not fan_in_fan_out:
-        return torch.mm(b[start:stop], a).mul_(scaling).add_(w.float()).to(out_dtype)
-    delta = torch.mm(b, a[:, start:stop]).mul_(scaling).T
-    if kind == "embedding" and out_dtype != torch.float32:
-        return delta.to(out_dtype).add_(w)
-    return torch.add(delta, w).to(out_dtype)
-
-
-def dora_streams_by_rows(kind: Kind, fan_in_fan_out: bool) -> bool:
-    """DoRA on a plain Linear: the weight norm is per output row, so row chunks give the whole merge's bits
-    (each row's norm is its own reduction). Conv1D and Embedding take the norm across rows: whole."""
-    return kind == "linear" and not fan_in_fan_out
-
-
-def dora_rows(weight_rows: torch.Tensor, start: int, stop: int, lora_a: torch.Tensor, lora_b: torch.Tensor,
-              magnitude: torch.Tensor, scaling: float, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rows ``start:stop`` of :func:`merge_dora` on a Linear (``magnitude (out,)``), with :func:`merge_dora`'s
-    operation sequence; the chunk rule of :func:`row_spans` applies. On the factors' device."""
-    out_dtype = out_dtype or weight_rows.dtype
-    w = weight_rows.to(lora_a.device)
-    delta = (_f32(lora_b)[start:stop] @ _f32(lora_a)) * scaling
-    norm = torch.linalg.norm(w + delta, dim=1)
-    factor = (_f32(magnitude)[start:stop] / norm).view(-1, 1)
-    return (factor * (w + delta)).to(out_dtype)
+_rows_on = _merge_rows._rows_on  # private; the device tests call it here

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -174,3 +175,140 @@ def test_replace_rows_and_fan_in_fan_out_from_shape():
     assert mm.fan_in_fan_out_from_shape((4, 8), (2, 4), (8, 2)) is True
     assert mm.fan_in_fan_out_from_shape((4, 4), (2, 4), (4, 2), hint=True) is True
     assert mm.fan_in_fan_out_from_shape((5, 4), (2, 4), (8, 2)) is None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Row-chunked merges (merge_rows, re-exported by merge_math): conv LoRA/DoRA in one pass, bit for bit;
+# DoRA on an Embedding / a Conv1D in two passes (column norms first), within the documented tolerance.
+
+CONV_SHAPES = {
+    "patch_embed": (1280, 3, 2, 14, 14),  # Qwen2-VL's vision patch_embed (Conv3d)
+    "conv1d": (200, 6, 3),
+    "conv2d": (257, 5, 3, 3),
+    "conv2d_1x1": (300, 16, 1, 1),  # the squeeze-matmul branch of conv_delta
+    "conv3d_1x1xk": (130, 4, 1, 1, 3),
+}
+
+
+def _conv_factors(shape, r=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = shape[2:]
+    a = torch.randn((r, shape[1]) + k, generator=g) * 0.3
+    b = torch.randn((shape[0], r) + (1,) * len(k), generator=g) * 0.3
+    mag = torch.rand((1, shape[0]) + (1,) * len(k), generator=g) + 0.5  # PEFT's conv magnitude shape
+    w = torch.randn(shape, generator=g) * 0.05
+    return w, a, b, mag
+
+
+@pytest.mark.parametrize("name", list(CONV_SHAPES))
+def test_conv_rows_equal_whole_merge_bitwise(name):
+    shape = CONV_SHAPES[name]
+    w32, a, b, mag = _conv_factors(shape)
+    assert mm.streams_by_rows("conv", False, dora=False) and mm.dora_streams_by_rows("conv", False)
+    assert not mm.dora_needs_norm_pass("conv", False)
+    row = math.prod(shape[1:])
+    for wdt, odt in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float16)):
+        w = w32.to(wdt)
+        lora = mm.merge_lora(w, a, b, 0.7, kind="conv", out_dtype=odt)
+        dora = mm.merge_dora(w, a, b, mag, 0.7, kind="conv", out_dtype=odt)
+        for step in (mm.MIN_CHUNK_ROWS, 100, shape[0]):  # chunks at MIN_CHUNK_ROWS boundaries, odd ones, one
+            spans = mm.row_spans(shape[0], step)
+            work, out = torch.empty(2 * (step + 64) * row), torch.empty((step + 64) * row, dtype=odt)  # reused, as the merge does
+            parts = [mm.lora_rows(w[i:j], i, j, a, b, 0.7, kind="conv", out_dtype=odt, work=work, out=out).clone() for i, j in spans]
+            assert torch.equal(torch.cat(parts), lora), (name, wdt, step)
+            dev = [mm._rows_on(torch.device("cpu"), w[i:j], i, j, a, b, 0.7, "conv", False, odt) for i, j in spans]
+            assert torch.equal(torch.cat(dev), lora)  # the accelerator branch's sequence, run here
+            # merge.py calls dora_rows without kind: a 3+-dim weight is a conv
+            parts = [mm.dora_rows(w[i:j], i, j, a, b, mag, 0.7, out_dtype=odt) for i, j in spans]
+            assert torch.equal(torch.cat(parts), dora), (name, wdt, step)
+
+
+@pytest.mark.parametrize("name", ["conv1d", "conv2d", "conv2d_1x1", "conv3d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_conv_rows_match_peft_bitwise(name, dtype):
+    out_ch = 150  # > 2 * MIN_CHUNK_ROWS: several chunks
+    layer = {"conv1d": nn.Conv1d(6, out_ch, 3), "conv2d": nn.Conv2d(6, out_ch, (3, 3)),
+             "conv2d_1x1": nn.Conv2d(8, out_ch, 1), "conv3d": nn.Conv3d(3, out_ch, (2, 3, 3))}[name]
+    for dora in (False, True):
+        pm = _peft(layer, dtype, dora=dora)
+        base_w = pm.base_model.model.layer.get_base_layer().weight.detach().clone()
+        a, b, mag, _, s = _factors(pm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = pm.merge_and_unload().layer.weight.detach()
+        spans = mm.row_spans(out_ch, 64)
+        if dora:
+            parts = [mm.dora_rows(base_w[i:j], i, j, a, b, mag.detach(), s, kind="conv") for i, j in spans]
+        else:
+            parts = [mm.lora_rows(base_w[i:j], i, j, a, b, s, kind="conv") for i, j in spans]
+        assert len(spans) == 2 and torch.equal(torch.cat(parts), want), (name, dora)
+
+
+def _ulps(x: torch.Tensor, y: torch.Tensor) -> int:
+    iv = torch.int32 if x.dtype == torch.float32 else torch.int16
+    return int((x.view(iv).long() - y.view(iv).long()).abs().max())
+
+
+def _two_pass(w, a, b, mag, s, kind, fifo, odt, step):
+    spans = mm.row_spans(w.shape[0], step)
+    acc = None
+    for i, j in spans:
+        acc = mm.dora_norm_rows(acc, w[i:j], i, j, a, b, s, kind=kind, fan_in_fan_out=fifo)
+    norms = mm.dora_norm_finish(acc)
+    return norms, torch.cat([mm.dora_rows(w[i:j], i, j, a, b, mag, s, kind=kind, fan_in_fan_out=fifo, out_dtype=odt, norms=norms)
+                             for i, j in spans])
+
+
+def _within_two_pass_tolerance(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if want.dtype == torch.float32:
+        rel = ((got - want).abs() / want.abs().clamp_min(torch.finfo(torch.float32).tiny)).max()
+        assert rel <= mm.DORA_TWO_PASS_REL_TOL, rel
+    else:
+        assert _ulps(got, want) <= 1
+
+
+@pytest.mark.parametrize("kind,fifo,rows,cols", [("embedding", False, 20000, 64), ("linear", True, 1500, 96)],
+                         ids=["embedding", "conv1d_gpt2"])
+def test_two_pass_dora_rows_within_tolerance_of_whole(kind, fifo, rows, cols):
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(8, rows, generator=g) * 0.3, torch.randn(cols, 8, generator=g) * 0.3
+    mag, w32 = torch.rand(cols, generator=g) + 0.5, torch.randn(rows, cols, generator=g) * 0.05
+    assert mm.dora_needs_norm_pass(kind, fifo) and not mm.dora_streams_by_rows(kind, fifo)
+    assert not mm.streams_by_rows(kind, fifo, dora=True)
+    for wdt in (torch.bfloat16, torch.float32):
+        w = w32.to(wdt)
+        combined = w.float() + mm.delta_weight(kind, a, b, 0.7, (rows, cols), fifo)
+        exact = torch.linalg.vector_norm(combined.double(), dim=0).float()  # the float64 norm, rounded once
+        for step in (mm.MIN_CHUNK_ROWS, 777, rows):
+            for odt in (torch.float32, torch.bfloat16, torch.float16):
+                norms, got = _two_pass(w, a, b, mag, 0.7, kind, fifo, odt, step)
+                assert _ulps(norms, exact) <= 1
+                _within_two_pass_tolerance(got, mm.merge_dora(w, a, b, mag, 0.7, kind=kind, fan_in_fan_out=fifo, out_dtype=odt))
+
+
+@pytest.mark.parametrize("name", ["embedding", "conv1d_gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_two_pass_dora_matches_peft_within_tolerance(name, dtype):
+    layer = nn.Embedding(300, 24) if name == "embedding" else Conv1D(40, 200)  # W (300, 24) / (200, 40): several chunks
+    pm = _peft(layer, dtype, dora=True)
+    base_w = pm.base_model.model.layer.get_base_layer().weight.detach().clone()
+    a, b, mag, _, s = _factors(pm)
+    kind, fifo = ("embedding", False) if name == "embedding" else ("linear", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = pm.merge_and_unload().layer.weight.detach()
+    for step in (64, 100):
+        _, got = _two_pass(base_w, a, b, mag.detach(), s, kind, fifo, dtype, step)
+        assert len(mm.row_spans(base_w.shape[0], step)) >= 2
+        _within_two_pass_tolerance(got, want)
+
+
+def test_two_pass_dora_refuses_without_norms_and_one_pass_kinds_have_no_norm_pass():
+    w, a, b = torch.randn(128, 8), torch.randn(2, 128), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="norms="):
+        mm.dora_rows(w[:64], 0, 64, a, b, torch.ones(8), 1.0, kind="embedding")
+    with pytest.raises(ValueError, match="no norm pass"):
+        mm.dora_norm_rows(None, w[:64], 0, 64, a.T, b.T, 1.0, kind="linear")
+    assert not mm.dora_needs_norm_pass("linear", False) and not mm.dora_needs_norm_pass("conv", False)
+    assert mm.dora_needs_norm_pass("linear", True) and mm.dora_needs_norm_pass("embedding", False)
