@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -67,8 +69,11 @@ class MergeReport:
 
 
 class _Clock:
+    """Seconds per part. ``read``/``math``/``wait`` run on the calling thread, ``write``/``copy`` on the writer's:
+    the parts overlap, so they can add up to more than the wall time."""
+
     def __init__(self) -> None:
-        self.t: dict[str, float] = {"read": 0.0, "math": 0.0, "write": 0.0, "copy": 0.0}
+        self.t: dict[str, float] = {"read": 0.0, "math": 0.0, "write": 0.0, "copy": 0.0, "wait": 0.0}
 
     def run(self, what: str, fn, *args):
         t0 = time.perf_counter()
@@ -76,6 +81,76 @@ class _Clock:
             return fn(*args)
         finally:
             self.t[what] += time.perf_counter() - t0
+
+
+class _Pipeline:
+    """The writer's calls run on one background thread, in the order they are handed over, while this thread
+    reads and computes the next chunks: reading + LoRA math overlap with writing + kernel copies (a writer
+    waiting on the disk leaves the cores to the math).
+
+    Chunks live in :data:`SLOTS` rotating buffer sets; a set is reused only after its last write finished
+    (bounded memory: at most ``SLOTS`` chunks in flight, besides whole tensors already in memory). After the
+    first failure on the writer's thread the queued calls are skipped, and that error is raised here at the
+    next hand-over or wait.
+    """
+
+    SLOTS = 3
+
+    def __init__(self, w: CheckpointWriter, clock: _Clock) -> None:
+        self.w, self.clock = w, clock
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvl-merge-write")
+        self.pending: deque[Future] = deque()
+        first = _Buffers()
+        self.slots = [first] + [_Buffers(shared=first) for _ in range(self.SLOTS - 1)]
+        self.slot_done: list[Future | None] = [None] * self.SLOTS
+        self.turn = 0
+        self.error: BaseException | None = None
+
+    def _call(self, what: str, fn, *args) -> None:  # on the writer's thread
+        if self.error is None:
+            try:
+                self.clock.run(what, fn, *args)
+            except BaseException as e:
+                self.error = e
+
+    def _wait(self, f: Future) -> None:
+        self.clock.run("wait", f.result)
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, what: str, fn, *args) -> Future:
+        while self.pending and self.pending[0].done():
+            self.pending.popleft()
+        if self.error is not None:
+            raise self.error
+        f = self.pool.submit(self._call, what, fn, *args)
+        self.pending.append(f)
+        return f
+
+    def buffers(self) -> tuple[int, "_Buffers"]:
+        """The next free buffer set (waits for the write that still reads it)."""
+        i, self.turn = self.turn, (self.turn + 1) % self.SLOTS
+        if self.slot_done[i] is not None:
+            self._wait(self.slot_done[i])
+            self.slot_done[i] = None
+        return i, self.slots[i]
+
+    def write_chunk(self, slot: int, chunk: torch.Tensor) -> None:
+        self.slot_done[slot] = self.submit("write", self.w.write_chunk, chunk)
+
+    def write_fresh(self, fn, *args) -> None:
+        """Hand over a write of a freshly computed tensor; it takes a slot too, so at most ``SLOTS`` of them
+        wait in memory for the writer."""
+        slot, _ = self.buffers()
+        self.slot_done[slot] = self.submit("write", fn, *args)
+
+    def drain(self) -> None:
+        while self.pending:
+            self._wait(self.pending.popleft())
+
+    def close(self) -> None:
+        """Stop: the writer's thread finishes the call it runs; queued calls are dropped."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _rows_per_chunk(shape: tuple[int, ...]) -> int:
@@ -100,11 +175,21 @@ def _factors(tp: TensorPlan, ar: TensorReader, device: torch.device) -> dict[str
 
 def _execute(plan: MergePlan, w: CheckpointWriter, clock: _Clock, progress: Callable[[int, int], None] | None,
              device: torch.device = torch.device("cpu")) -> None:
+    pipe = _Pipeline(w, clock)
+    try:
+        _run_plan(plan, pipe, clock, progress, device)
+        pipe.drain()
+    finally:
+        pipe.close()
+
+
+def _run_plan(plan: MergePlan, pipe: _Pipeline, clock: _Clock, progress: Callable[[int, int], None] | None,
+              device: torch.device) -> None:
     br, ar = plan.readers["base"], plan.readers["adapter"]
+    w = pipe.w
     total = sum(math.prod(t.shape) * t.dtype.itemsize for t in plan.tensors)
     done = 0
     by_name = {t.name: t for t in plan.tensors}
-    buffers = _Buffers()
     for spec in w.plan.order:  # the writer's order (shards, and dtype alignment inside a shard)
         tp = by_name[spec.name]
         reader = ar if tp.replaced else br
@@ -113,20 +198,20 @@ def _execute(plan: MergePlan, w: CheckpointWriter, clock: _Clock, progress: Call
         loc = reader.location(src)
         plain = tp.lora is None and tp.bias_lora is None and rows is None
         if plain and src.dtype == tp.dtype and loc is not None:
-            clock.run("copy", w.copy_range, tp.name, loc[0], loc[1], src.nbytes)
+            pipe.submit("copy", w.copy_range, tp.name, loc[0], loc[1], src.nbytes)
         elif tp.lora is not None and tp.lora.kind == "param":  # target_parameters: slices of experts
             factors = clock.run("read", _factors, tp, ar, device)
-            w.begin(tp.name)
+            pipe.submit("write", w.begin, tp.name)
             for chunk in stream_param(tp, reader, factors):
                 _finite_or_fail(tp, chunk)
-                clock.run("write", w.write_chunk, chunk)
-            w.end()
-        elif len(tp.shape) >= 2 and tp.bias_lora is None and (tp.lora is None or _by_rows(tp.lora)):
+                pipe.write_fresh(w.write_chunk, chunk)
+            pipe.submit("write", w.end)
+        elif len(tp.shape) >= 2 and tp.bias_lora is None and (tp.lora is None or _by_rows(tp.lora, tp.shape)):
             factors = clock.run("read", _factors, tp, ar, device) if tp.lora is not None else None
-            w.begin(tp.name)
-            for chunk in _stream(tp, reader, rows, factors, clock, buffers):
-                clock.run("write", w.write_chunk, chunk)
-            w.end()
+            pipe.submit("write", w.begin, tp.name)
+            for slot, chunk in _stream(tp, reader, rows, factors, clock, pipe):
+                pipe.write_chunk(slot, chunk)
+            pipe.submit("write", w.end)
         else:
             t = clock.run("read", reader.whole, src)
             factors = clock.run("read", _factors, tp, ar, device) if tp.lora is not None else None
@@ -135,17 +220,24 @@ def _execute(plan: MergePlan, w: CheckpointWriter, clock: _Clock, progress: Call
             t = _whole(tp, t, rows, factors, bias, device)
             _finite_or_fail(tp, t)
             clock.t["math"] += time.perf_counter() - t0
-            clock.run("write", w.write, tp.name, t)
+            pipe.write_fresh(w.write, tp.name, t)
         done += tp.dtype.itemsize * math.prod(tp.shape)
         if progress is not None:
             progress(done, total)
 
 
-def _by_rows(op) -> bool:
-    """Can this LoRA/DoRA stream over row chunks with the whole merge's bits?"""
+def _by_rows(op, shape: tuple[int, ...]) -> bool:
+    """Does this LoRA/DoRA stream over row chunks? With the whole merge's bits, or (DoRA whose norm runs across
+    rows: Embedding, Conv1D) in two passes when the tensor is larger than one chunk (:func:`_two_pass`)."""
     if op.dora:
-        return mm.dora_streams_by_rows(op.kind, op.fan_in_fan_out)
+        return mm.dora_streams_by_rows(op.kind, op.fan_in_fan_out) or _two_pass(op, shape)
     return mm.streams_by_rows(op.kind, op.fan_in_fan_out, op.dora)
+
+
+def _two_pass(op, shape: tuple[int, ...]) -> bool:
+    """A tensor small enough for one chunk merges whole (the same memory, PEFT's bits); a larger one takes two
+    passes: column norms first, in float64 (within ``mm.DORA_TWO_PASS_REL_TOL``; 1 ulp of bf16/fp16)."""
+    return op.dora and mm.dora_needs_norm_pass(op.kind, op.fan_in_fan_out) and math.prod(shape) > CHUNK_ELEMENTS
 
 
 def _needs_check(tp: TensorPlan, factors: dict[str, torch.Tensor] | None) -> bool:
@@ -164,9 +256,11 @@ def _finite_or_fail(tp: TensorPlan, t: torch.Tensor) -> None:
 
 
 class _Buffers:
-    """Reused chunk buffers: fresh large allocations cost page faults on every chunk."""
+    """One chunk's reused buffers (fresh large allocations cost page faults on every chunk); the fp32 work
+    buffer is the pipeline's, shared: only the computing thread uses it."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: "_Buffers | None" = None) -> None:
+        self.shared = shared
         self.read = torch.empty(0, dtype=torch.uint8)
         self.work = torch.empty(0, dtype=torch.float32)
         self.out = torch.empty(0, dtype=torch.uint8)
@@ -174,26 +268,32 @@ class _Buffers:
     def get(self, elems: int, read_bytes: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.read.numel() < read_bytes:
             self.read = torch.empty(read_bytes, dtype=torch.uint8)
-        if self.work.numel() < 2 * elems:
-            self.work = torch.empty(2 * elems, dtype=torch.float32)
+        owner = self.shared or self
+        if owner.work.numel() < 2 * elems:
+            owner.work = torch.empty(2 * elems, dtype=torch.float32)
         need = elems * out_dtype.itemsize
         if self.out.numel() < need:
             self.out = torch.empty(need, dtype=torch.uint8)
-        return self.read, self.work, self.out[:need].view(out_dtype)
+        return self.read, owner.work, self.out[:need].view(out_dtype)
 
 
-def _stream(tp: TensorPlan, reader: TensorReader, rows, factors, clock: _Clock, buffers: _Buffers) -> Iterator[torch.Tensor]:
+def _stream(tp: TensorPlan, reader: TensorReader, rows, factors, clock: _Clock, pipe: _Pipeline) -> Iterator[tuple[int, torch.Tensor]]:
+    """The merged tensor's row chunks, each in one of the pipeline's buffer sets (yielded with its slot)."""
     n = tp.shape[0]
     op = tp.lora
     row = math.prod(tp.shape[1:])
     check = _needs_check(tp, factors)
-    for start, stop in mm.row_spans(n, _rows_per_chunk(tp.shape)):
+    spans = mm.row_spans(n, _rows_per_chunk(tp.shape))
+    norms = _dora_norms(tp, reader, factors, spans, clock, pipe) if op is not None and _two_pass(op, tp.shape) else None
+    for start, stop in spans:
+        slot, buffers = pipe.buffers()
         read_buf, work, out = buffers.get((stop - start) * row, (stop - start) * row * tp.source.dtype.itemsize, tp.dtype)
         chunk = clock.run("read", reader.rows, tp.source, start, stop, read_buf)
         t0 = time.perf_counter()
         if op is not None and op.dora:
             chunk = out[: chunk.numel()].view(chunk.shape).copy_(mm.dora_rows(chunk, start, stop, factors["a"], factors["b"], factors["m"],
-                                                                           op.scaling, out_dtype=tp.dtype))
+                                                                           op.scaling, kind=op.kind, fan_in_fan_out=op.fan_in_fan_out,
+                                                                           out_dtype=tp.dtype, norms=norms))
         elif op is not None:
             chunk = mm.lora_rows(chunk, start, stop, factors["a"], factors["b"], op.scaling, kind=op.kind,
                                  fan_in_fan_out=op.fan_in_fan_out, out_dtype=tp.dtype, work=work, out=out)
@@ -203,7 +303,21 @@ def _stream(tp: TensorPlan, reader: TensorReader, rows, factors, clock: _Clock, 
         if check:
             _finite_or_fail(tp, chunk)
         clock.t["math"] += time.perf_counter() - t0
-        yield chunk
+        yield slot, chunk
+
+
+def _dora_norms(tp: TensorPlan, reader: TensorReader, factors, spans, clock: _Clock, pipe: _Pipeline) -> torch.Tensor:
+    """Pass 1 of a two-pass DoRA: the per-column norms of ``W + ΔW``, over the same row chunks."""
+    op, acc = tp.lora, None
+    row_bytes = math.prod(tp.shape[1:]) * tp.source.dtype.itemsize
+    for start, stop in spans:
+        _, buffers = pipe.buffers()
+        read_buf = buffers.get((stop - start) * math.prod(tp.shape[1:]), (stop - start) * row_bytes, tp.dtype)[0]
+        chunk = clock.run("read", reader.rows, tp.source, start, stop, read_buf)
+        t0 = time.perf_counter()
+        acc = mm.dora_norm_rows(acc, chunk, start, stop, factors["a"], factors["b"], op.scaling, kind=op.kind, fan_in_fan_out=op.fan_in_fan_out)
+        clock.t["math"] += time.perf_counter() - t0
+    return mm.dora_norm_finish(acc)
 
 
 def _whole(tp: TensorPlan, t: torch.Tensor, rows, factors, bias, device: torch.device) -> torch.Tensor:
@@ -225,6 +339,14 @@ def _whole(tp: TensorPlan, t: torch.Tensor, rows, factors, bias, device: torch.d
     return t
 
 
+def _two_pass_notes(plan: MergePlan) -> list[str]:
+    names = [t.name for t in plan.tensors if t.lora is not None and t.bias_lora is None and len(t.shape) >= 2 and _two_pass(t.lora, t.shape)]
+    if not names:
+        return []
+    return [f"DoRA with norms across rows (Embedding/Conv1D) merged in two passes with float64 norms, bounded memory: within 1 ulp of "
+            f"PEFT's whole-tensor merge in bf16/fp16 (relative {mm.DORA_TWO_PASS_REL_TOL:g} in fp32): {', '.join(names)}"]
+
+
 def merge(
     src: str | Path | Checkpoint,
     base: str | Path,
@@ -242,7 +364,7 @@ def merge(
     """Merge SRC (PEFT adapter dir or ``.pth`` dump) into BASE and write a loadable model dir to OUT.
 
     Validates everything first (nothing is written if any adapter entry does not fit), then streams.
-    ``progress(done_bytes, total_bytes)`` is called after each tensor. ``device`` runs the LoRA/DoRA
+    ``progress(done_bytes, total_bytes)`` is called as each tensor is handed to the writer. ``device`` runs the LoRA/DoRA
     products (``auto``: CUDA when present; see :mod:`devices` for how its bits relate to the CPU's).
     """
     t_start = time.perf_counter()
@@ -282,7 +404,7 @@ def merge(
             bytes_written=w.bytes_written,
             copied_files=[f.name for f in files],
             skipped=skipped,
-            notes=plan.notes + vocab_notes + ([] if plan.config is not None else ["the base has no config.json: OUT holds weights only"]),
+            notes=plan.notes + vocab_notes + _two_pass_notes(plan) + ([] if plan.config is not None else ["the base has no config.json: OUT holds weights only"]),
             seconds={k: round(v, 4) for k, v in seconds.items()},
             device=str(dev),
         )

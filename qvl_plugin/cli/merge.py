@@ -91,7 +91,8 @@ def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, for
     s = report.seconds
     console.print(
         f"time {s['total']:.2f}s (plan {s['plan']:.2f}, read {s['read']:.2f}, math {s['math']:.2f}, write {s['write']:.2f}, "
-        f"copy {s['copy']:.2f}, verify+rename {s['commit']:.2f}) on {report.device}"
+        f"copy {s['copy']:.2f}, waiting for writes {s.get('wait', 0):.2f}, verify+rename {s['commit']:.2f}; "
+        f"write and copy run beside read and math) on {report.device}"
     )
     if report.copied_files:
         console.print("copied: " + ", ".join(report.copied_files))
