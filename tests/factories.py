@@ -383,6 +383,25 @@ def make_clean_dump(peft_model: nn.Module, path: str | Path) -> Path:
     return Path(path)
 
 
+def small_merge_chunks(monkeypatch, counted: str | None = None) -> dict[str, int]:
+    """Make the streaming merge use 64-row-sized chunks (several per tiny weight) and, with ``counted``, count
+    the calls of that ``merge_math`` function: ``{"n": calls}`` (it proves which path a merge took)."""
+    import qvl_plugin.ckpt.merge as merge_module
+    from qvl_plugin.ckpt import merge_math
+
+    monkeypatch.setattr(merge_module, "CHUNK_ELEMENTS", 64 * 64)
+    calls = {"n": 0}
+    if counted is not None:
+        real = getattr(merge_math, counted)
+
+        def counting(*a, **k):
+            calls["n"] += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(merge_math, counted, counting)
+    return calls
+
+
 def text_inputs(vocab: int = VOCAB, batch: int = 2, seq: int = 8, seed: int = 0) -> dict:
     """Text-only ``input_ids``/``attention_mask`` (ids in [3, 240): no special or vision tokens)."""
     g = torch.Generator().manual_seed(seed)

@@ -10,6 +10,8 @@ peak RSS from ``wait4``):
   (a) ``qvl-ckpt merge ADAPTER --base BASE -o OUT``
   (b) the PEFT path: from_pretrained, PeftModel.from_pretrained, merge_and_unload, save_pretrained
   (c) ``cp -r BASE OUT`` (the I/O floor)
+  (a') (a) with the other writer mode (``QVL_MERGE_WRITER``: the writer thread, used from 4 cores up, or
+      inline), paired with (a)
   (d) the LoRA products alone: every ``B @ A`` of the adapter in fp32, in the merge's row chunks, timed in
       process (no reads, no writes, no start-up); (c) + (d) is the floor a merge can approach.
   (d') the same products as a whole process (interpreter + ``import torch`` + reading the LoRA factors +
@@ -171,14 +173,14 @@ def _warm(*paths: Path) -> None:
                         pass
 
 
-def _measure(cmd: list[str], capture: bool = False, pythonpath: Path = REPO) -> dict:
+def _measure(cmd: list[str], capture: bool = False, pythonpath: Path = REPO, env: dict[str, str] | None = None) -> dict:
     """Run one command in its own process: wall seconds, peak RSS (MB) from wait4, stdout."""
     import tempfile
 
     with tempfile.TemporaryFile() as errf:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=errf, cwd=pythonpath,
-                                env={**os.environ, "PYTHONPATH": str(pythonpath), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"})
+                                env={**os.environ, "PYTHONPATH": str(pythonpath), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", **(env or {})})
         out = proc.stdout.read().decode() if capture else ""
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
@@ -220,6 +222,7 @@ def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool, ref: Path |
     }
     if ref is not None:  # another checkout's qvl_plugin (e.g. the previous commit), paired with this one
         runs["qvl-ref"] = runs["qvl"]
+    runs[f"qvl-{OTHER_WRITER}"] = runs["qvl"]  # the writer mode this machine does not pick by default, paired
     names = [n for n in runs if not (n == "peft" and skip_peft)]
     all_runs: dict[str, list[dict]] = {n: [] for n in names}
     for rep in range(repeat):
@@ -230,7 +233,7 @@ def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool, ref: Path |
             os.sync()
             cmd, capture = runs[name](out)
             print(f"  {name} (run {rep + 1}) ...", file=sys.stderr)
-            m = _measure(cmd, capture, ref if name == "qvl-ref" else REPO)
+            m = _measure(cmd, capture, ref if name == "qvl-ref" else REPO, {"QVL_MERGE_WRITER": OTHER_WRITER} if name == f"qvl-{OTHER_WRITER}" else None)
             os.sync()
             if name.startswith("qvl"):
                 m["report"] = json.loads(m.pop("stdout"))["seconds"]
@@ -247,9 +250,19 @@ def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool, ref: Path |
     if not skip_peft:
         cmp = _measure(_py("--child", "compare", "--a", str(work / f"out-qvl-L{layers}"), "--b", str(work / f"out-peft-L{layers}")), True)
         res["compare"] = json.loads(cmp["stdout"])
-    for name in ("qvl", "peft", "qvl-ref"):
+    for name in ("qvl", "peft", "qvl-ref", f"qvl-{OTHER_WRITER}"):
         shutil.rmtree(work / f"out-{name}-L{layers}", ignore_errors=True)
     return res
+
+
+# the writer mode (qvl_plugin.ckpt.merge.writer_thread_default) that this machine does not use by default
+OTHER_WRITER = "inline" if len(os.sched_getaffinity(0)) >= 4 else "thread"
+
+
+def _ratio(r: dict) -> float:
+    """inline seconds / thread seconds: > 1 when the writer thread is faster."""
+    t, i = (r["qvl"], r["qvl-inline"]) if OTHER_WRITER == "inline" else (r["qvl-thread"], r["qvl"])
+    return i["seconds"] / t["seconds"]
 
 
 # Qwen2-VL bf16 checkpoint sizes (bytes of safetensors), for the projection only
@@ -298,6 +311,11 @@ def _table(results: list[dict], startup: dict) -> str:
             lines.append(f"(a) {'wall' if what == 'seconds' else 'CPU'} time ≈ {a0:.2f} s + {slope:.2f} s/GB (least squares over {len(xs)} sizes, "
                          f"worst residual {100 * worst:.0f}%); extrapolation, not measured: {proj}.")
         lines.append(f"Process start-up alone (python + torch + transformers + qvl_plugin imports): {startup['seconds']:.1f} s, {startup['rss_mb']:.0f} MB.")
+    mode = "inline" if OTHER_WRITER == "thread" else "thread"
+    for r in results:
+        x, y = r[f"qvl-{OTHER_WRITER}"], r["qvl"]
+        lines.append(f"{gb(r['base_bytes'])}: writer {mode} (this machine's default) {y['seconds']:.2f} s, {y['rss_mb']:.0f} MB; "
+                     f"writer {OTHER_WRITER} {x['seconds']:.2f} s, {x['rss_mb']:.0f} MB (the writer thread is {_ratio(r):.2f}x as fast).")
     for r in results:
         if "qvl-ref" in r:
             x, y = r["qvl-ref"], r["qvl"]

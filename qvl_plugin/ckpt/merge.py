@@ -14,6 +14,7 @@ what the trained model's head computed with, and the two are written untied (PEF
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,6 +61,7 @@ class MergeReport:
     notes: list[str]
     seconds: dict[str, float]
     device: str = "cpu"  # where the LoRA/DoRA products ran
+    writer_thread: bool = False  # writes overlapped the math (see writer_thread_default)
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -83,10 +85,22 @@ class _Clock:
             self.t[what] += time.perf_counter() - t0
 
 
+def writer_thread_default() -> bool:
+    """Overlap writing with the math from 4 usable cores up. On 2 cores both are CPU work (page-cache writes
+    and kernel copies against the BLAS threads) and the thread made merges slower (measured 0.73-0.94x,
+    README). ``QVL_MERGE_WRITER=thread|inline`` decides instead (benchmarks)."""
+    forced = os.environ.get("QVL_MERGE_WRITER", "").strip().lower()
+    if forced in ("thread", "inline"):
+        return forced == "thread"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores >= 4
+
+
 class _Pipeline:
     """The writer's calls run on one background thread, in the order they are handed over, while this thread
     reads and computes the next chunks: reading + LoRA math overlap with writing + kernel copies (a writer
-    waiting on the disk leaves the cores to the math).
+    waiting on the disk leaves the cores to the math). ``threaded=False`` runs each call at hand-over, in
+    this thread (the same order, buffers and errors).
 
     Chunks live in :data:`SLOTS` rotating buffer sets; a set is reused only after its last write finished
     (bounded memory: at most ``SLOTS`` chunks in flight, besides whole tensors already in memory). After the
@@ -96,9 +110,9 @@ class _Pipeline:
 
     SLOTS = 3
 
-    def __init__(self, w: CheckpointWriter, clock: _Clock) -> None:
+    def __init__(self, w: CheckpointWriter, clock: _Clock, threaded: bool = True) -> None:
         self.w, self.clock = w, clock
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvl-merge-write")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvl-merge-write") if threaded else None
         self.pending: deque[Future] = deque()
         first = _Buffers()
         self.slots = [first] + [_Buffers(shared=first) for _ in range(self.SLOTS - 1)]
@@ -123,6 +137,13 @@ class _Pipeline:
             self.pending.popleft()
         if self.error is not None:
             raise self.error
+        if self.pool is None:
+            f: Future = Future()
+            self._call(what, fn, *args)
+            f.set_result(None)
+            if self.error is not None:
+                raise self.error
+            return f
         f = self.pool.submit(self._call, what, fn, *args)
         self.pending.append(f)
         return f
@@ -150,7 +171,8 @@ class _Pipeline:
 
     def close(self) -> None:
         """Stop: the writer's thread finishes the call it runs; queued calls are dropped."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _rows_per_chunk(shape: tuple[int, ...]) -> int:
@@ -174,8 +196,8 @@ def _factors(tp: TensorPlan, ar: TensorReader, device: torch.device) -> dict[str
 
 
 def _execute(plan: MergePlan, w: CheckpointWriter, clock: _Clock, progress: Callable[[int, int], None] | None,
-             device: torch.device = torch.device("cpu")) -> None:
-    pipe = _Pipeline(w, clock)
+             device: torch.device = torch.device("cpu"), threaded: bool = False) -> None:
+    pipe = _Pipeline(w, clock, threaded)
     try:
         _run_plan(plan, pipe, clock, progress, device)
         pipe.drain()
@@ -384,7 +406,8 @@ def merge(
             files = [f for f in files if f.name != "config.json"]  # written from the plan (tie flag, dtype)
         clock = _Clock()
         with CheckpointWriter(out, shard_plan, inputs=[src_path, base], force=force, checksum=checksum) as w:
-            _execute(plan, w, clock, progress, dev)
+            threaded = writer_thread_default()
+            _execute(plan, w, clock, progress, dev, threaded)
             for f in files:
                 w.copy_file(f)
             if rewrite_config:
@@ -407,5 +430,6 @@ def merge(
             notes=plan.notes + vocab_notes + _two_pass_notes(plan) + ([] if plan.config is not None else ["the base has no config.json: OUT holds weights only"]),
             seconds={k: round(v, 4) for k, v in seconds.items()},
             device=str(dev),
+            writer_thread=threaded,
         )
 

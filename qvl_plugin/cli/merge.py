@@ -91,8 +91,9 @@ def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, for
     s = report.seconds
     console.print(
         f"time {s['total']:.2f}s (plan {s['plan']:.2f}, read {s['read']:.2f}, math {s['math']:.2f}, write {s['write']:.2f}, "
-        f"copy {s['copy']:.2f}, waiting for writes {s.get('wait', 0):.2f}, verify+rename {s['commit']:.2f}; "
-        f"write and copy run beside read and math) on {report.device}"
+        f"copy {s['copy']:.2f}, " + (f"waiting for writes {s.get('wait', 0):.2f}, " if report.writer_thread else "")
+        + f"verify+rename {s['commit']:.2f}" + ("; write and copy ran beside read and math" if report.writer_thread else "")
+        + f") on {report.device}"
     )
     if report.copied_files:
         console.print("copied: " + ", ".join(report.copied_files))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 from qvl_plugin.ckpt.merge import merge
-from tests.factories import ADAPTER_VARIANTS, logits, make_adapter
+from tests.factories import ADAPTER_VARIANTS, logits, make_adapter, small_merge_chunks
 
 TOL = 1e-4
 
@@ -74,23 +74,14 @@ def test_dora_on_embedding_and_saved_base_layer(qwen2_vl_base, tmp_path):
 def test_dora_on_embedding_larger_than_a_chunk_merges_in_two_passes(qwen2_vl_base, tmp_path, monkeypatch):
     """DoRA on an embedding bigger than one row chunk: column norms first (float64), then rows. Within the
     documented tolerance of PEFT's whole-tensor merge, every other tensor bit-identical, the logits PEFT's."""
-    import qvl_plugin.ckpt.merge as merge_module
     from qvl_plugin.ckpt import merge_math as mm
 
     model, base = qwen2_vl_base
     cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "embed_tokens"])
     pm, adapter = make_adapter(model, cfg, tmp_path / "a")
-    calls = {"norm": 0}
-    real = mm.dora_norm_rows
-
-    def counting(*a, **k):
-        calls["norm"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(mm, "dora_norm_rows", counting)
-    monkeypatch.setattr(merge_module, "CHUNK_ELEMENTS", 64 * 64)  # the tiny embedding spans several chunks
+    calls = small_merge_chunks(monkeypatch, counted="dora_norm_rows")  # the tiny embedding spans several chunks
     report = merge(adapter, base, tmp_path / "out", device="cpu")
-    assert calls["norm"] > 1 and any("two passes" in n and "embed_tokens" in n for n in report.notes)
+    assert calls["n"] > 1 and any("two passes" in n and "embed_tokens" in n for n in report.notes)
     merged, expect = _load(tmp_path / "out").state_dict(), _peft_merged(pm).state_dict()
     emb = [k for k in expect if k.endswith("embed_tokens.weight")]
     assert [k for k in expect if k not in emb and not torch.equal(merged[k], expect[k])] == []

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from qvl_plugin.cli import main
-from tests.factories import ADAPTER_VARIANTS, make_adapter, make_dump
+from tests.factories import ADAPTER_VARIANTS, make_adapter, make_dump, small_merge_chunks
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +97,16 @@ def test_extract_scaling_options(inputs, tmp_path):
     assert _run("extract", tmp_path / "m", "--base", base, "-o", tmp_path / "y", "--max-rank", "0").exit_code == 2
 
 
-def test_merge_write_failure_midway_through_a_streamed_tensor_is_one_line_and_no_output(inputs, tmp_path, monkeypatch):
-    """A write failing between row chunks ends the merge cleanly: one error line, no OUT, no temp dir."""
-    import qvl_plugin.ckpt.merge as merge_module
+@pytest.mark.parametrize("writer", ["inline", "thread"])
+def test_merge_write_failure_midway_through_a_streamed_tensor_is_one_line_and_no_output(inputs, tmp_path, monkeypatch, writer):
+    """A write failing between row chunks ends the merge cleanly: one error line, no OUT, no temp dir -- also
+    when the writes run on the writer thread (the error crosses to the computing thread; queued writes drop)."""
+    monkeypatch.setenv("QVL_MERGE_WRITER", writer)
     from qvl_plugin.ckpt.writer import CheckpointWriter
     from qvl_plugin.errors import WriteError
 
     base, adapter, _ = inputs
-    monkeypatch.setattr(merge_module, "CHUNK_ELEMENTS", 64 * 64)  # many chunks per tensor
+    small_merge_chunks(monkeypatch)  # many chunks per tensor
     calls = {"n": 0}
     real = CheckpointWriter.write_chunk
 
@@ -121,13 +123,25 @@ def test_merge_write_failure_midway_through_a_streamed_tensor_is_one_line_and_no
     assert not [p for p in tmp_path.iterdir()]  # no temp dir left either
     r = _run("merge", adapter, "--base", base, "-o", tmp_path / "ok", "--json")
     s = json.loads(r.output)["seconds"]
-    assert r.exit_code == 0 and {"read", "math", "write"} <= set(s)
+    assert r.exit_code == 0 and {"read", "math", "write"} <= set(s) and json.loads(r.output)["writer_thread"] == (writer == "thread")
+
+
+def test_writer_thread_and_inline_write_the_same_bytes(inputs, tmp_path, monkeypatch):
+    """The writer thread (used from 4 cores up) changes when bytes are written, never which: small chunks,
+    so the 3 rotating buffers are reused many times while the writer still works."""
+    base, adapter, _ = inputs
+    small_merge_chunks(monkeypatch)
+    outs = {}
+    for writer in ("inline", "thread"):
+        monkeypatch.setenv("QVL_MERGE_WRITER", writer)
+        outs[writer] = tmp_path / writer
+        assert _run("merge", adapter, "--base", base, "-o", outs[writer], "--device", "cpu").exit_code == 0
+    files = lambda d: {f.name: f.read_bytes() for f in sorted(d.iterdir())}
+    assert files(outs["inline"]) == files(outs["thread"])
 
 
 def test_dora_linear_streams_in_row_chunks_with_the_whole_merge_bits(inputs, tmp_path, monkeypatch):
     """DoRA on a Linear goes through the row-chunked path (per-row norms): the same bytes as one chunk."""
-    import qvl_plugin.ckpt.merge as merge_module
-    from qvl_plugin.ckpt import merge_math as mm
     from tests.factories import build_model
 
     base, _, _ = inputs
@@ -135,15 +149,7 @@ def test_dora_linear_streams_in_row_chunks_with_the_whole_merge_bits(inputs, tmp
         warnings.simplefilter("ignore")
         _, dora = make_adapter(build_model("qwen2-vl", tied=True), ADAPTER_VARIANTS["dora"]("x"), tmp_path / "dora")
     assert _run("merge", dora, "--base", base, "-o", tmp_path / "whole", "--device", "cpu").exit_code == 0
-    calls = {"n": 0}
-    real = mm.dora_rows
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(mm, "dora_rows", counting)
-    monkeypatch.setattr(merge_module, "CHUNK_ELEMENTS", 64 * 64)  # 64-row chunks: several per weight
+    calls = small_merge_chunks(monkeypatch, counted="dora_rows")
     r = _run("merge", dora, "--base", base, "-o", tmp_path / "chunked", "--device", "cpu", "--json")
     assert r.exit_code == 0 and json.loads(r.output)["counts"]["dora"] > 0 and calls["n"] >= json.loads(r.output)["counts"]["dora"]
     files = lambda d: {f.name: f.read_bytes() for f in sorted(d.glob("*.safetensors"))}

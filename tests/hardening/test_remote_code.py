@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.factories import ADAPTER_VARIANTS, build_model, make_adapter, save_base, save_qwen_vl_base
 
@@ -26,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPT_WORDS = ("custom code", "[y/N]", "execute the configuration file")
 
 _HOSTILE = """\
-import pathlib
-pathlib.Path({marker!r}).joinpath({name!r}).write_text("ran")
+import os, pathlib
+pathlib.Path({marker!r}).joinpath({name!r} + "-" + os.environ.get("QVL_TEST_COMMAND", "?")).write_text("ran")
 from transformers import PretrainedConfig, PreTrainedModel
 class {cls}(PretrainedConfig):
     model_type = {model_type!r}
@@ -132,19 +131,30 @@ _ANY_RC = {("qwen2-vl", "qvl-train")}
 @pytest.mark.parametrize("terminal", [False, True], ids=["pipes", "pty"])
 @pytest.mark.parametrize("family", ["qwen-vl", "qwen2-vl"])
 def test_no_remote_code_runs_or_prompts(hostile, family, terminal, tmp_path):
+    """merge first (diff and extract read its output), then the other commands side by side: each process
+    names itself in the environment, so a marker says which command ran the code."""
+    from concurrent.futures import ThreadPoolExecutor
+
     root, marker, bases = hostile
     base, adapter = bases[family]
-    env = _env(tmp_path)
     run = _run_pty if terminal else _run_pipes
-    failures = []
-    for name, args in _commands(family, base, adapter, tmp_path, "pty" if terminal else "pipes").items():
-        rc, out = run(args, env, tmp_path)
-        ran = sorted(p.name for p in marker.iterdir())
+    cmds = _commands(family, base, adapter, tmp_path, "pty" if terminal else "pipes")
+
+    def one(name: str) -> tuple[str, int, str]:
+        return (name, *run(cmds[name], {**_env(tmp_path), "QVL_TEST_COMMAND": name}, tmp_path))
+
+    results = [one("merge")]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        results += list(pool.map(one, [n for n in cmds if n != "merge"]))
+    ran_all = sorted(p.name for p in marker.iterdir())
+    for p in marker.iterdir():
+        p.unlink()
+    failures = [f"marker from an unknown process: {m}" for m in ran_all if not any(m.endswith("-" + n) for n in cmds)]
+    for name, rc, out in results:
+        ran = [m for m in ran_all if m.endswith("-" + name)]
         leaked = [w for w in PROMPT_WORDS if w in out]
         if ran or leaked:
             failures.append(f"{name}: marker {ran} prompt {leaked}\n{out[-800:]}")
-            for p in marker.iterdir():
-                p.unlink()
         expect_fail = (family, name) in _MUST_FAIL
         if (family, name) not in _ANY_RC and (rc != 0) != expect_fail:
             failures.append(f"{name}: exit {rc} (expected {'non-zero' if expect_fail else 0})\n{out[-1500:]}")
