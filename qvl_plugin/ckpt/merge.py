@@ -61,6 +61,7 @@ class MergeReport:
     notes: list[str]
     seconds: dict[str, float]
     device: str = "cpu"  # where the LoRA/DoRA products ran
+    direct_io: bool = False  # the shards went past the page cache (O_DIRECT)
     writer_thread: bool = False  # writes overlapped the math (see writer_thread_default)
 
     def to_dict(self) -> dict:
@@ -382,12 +383,15 @@ def merge(
     progress: Callable[[int, int], None] | None = None,
     checksum: bool = False,
     device: str | torch.device | None = "auto",
+    direct_io: bool = True,
 ) -> MergeReport:
     """Merge SRC (PEFT adapter dir or ``.pth`` dump) into BASE and write a loadable model dir to OUT.
 
     Validates everything first (nothing is written if any adapter entry does not fit), then streams.
     ``progress(done_bytes, total_bytes)`` is called as each tensor is handed to the writer. ``device`` runs the LoRA/DoRA
     products (``auto``: CUDA when present; see :mod:`devices` for how its bits relate to the CPU's).
+    ``direct_io`` sends the weights to the device past the page cache where the filesystem allows
+    (:mod:`sink`): one write of each byte, no cache pages to allocate, the base stays cached.
     """
     t_start = time.perf_counter()
     dev = resolve_device(device)
@@ -405,7 +409,7 @@ def merge(
         if rewrite_config:
             files = [f for f in files if f.name != "config.json"]  # written from the plan (tie flag, dtype)
         clock = _Clock()
-        with CheckpointWriter(out, shard_plan, inputs=[src_path, base], force=force, checksum=checksum) as w:
+        with CheckpointWriter(out, shard_plan, inputs=[src_path, base], force=force, checksum=checksum, direct=direct_io) as w:
             threaded = writer_thread_default()
             _execute(plan, w, clock, progress, dev, threaded)
             for f in files:
@@ -431,5 +435,6 @@ def merge(
             seconds={k: round(v, 4) for k, v in seconds.items()},
             device=str(dev),
             writer_thread=threaded,
+            direct_io=w.direct_used,
         )
 

@@ -83,6 +83,7 @@ def partial_merge(
     max_shard_size: int | str = "5GB",
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    direct_io: bool = True,
 ) -> PartialMergeReport:
     """Write OUT/base (BASE + what ``engine`` cannot serve) and OUT/adapter (the LoRA it can), atomically."""
     out = check_output(out, [src, base], force)
@@ -102,7 +103,7 @@ def partial_merge(
         tmp = temp_dir_for(out)
         try:
             base_report = merge(_view(ad, baked), base, tmp / "base", dtype=dtype, max_shard_size=max_shard_size,
-                                progress=progress)
+                                progress=progress, direct_io=direct_io)
             adapter_dir, leftover = None, []
             if kept:
                 adapter_dir = out / "adapter"

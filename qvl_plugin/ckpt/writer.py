@@ -15,7 +15,6 @@ the next run clears it.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -30,10 +29,10 @@ from .outputs import check_output, install_dir, os_error_text, temp_dir_for
 from .dtypes import SAFETENSORS_NAMES, name_of
 from .safety import read_safetensors_header
 from .shards import ShardPlan, TensorSpec, header_bytes
+from .sink import open_sink
 
 __all__ = ["CheckpointWriter", "CHECKSUM_NAME"]
 
-_COPY_BLOCK = 64 << 20
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
@@ -61,6 +60,7 @@ class CheckpointWriter:
         force: bool = False,
         fsync: bool = False,
         checksum: bool = False,
+        direct: bool = False,
     ):
         self.inputs = [Path(p) for p in inputs if p is not None]
         self.force = force
@@ -68,6 +68,8 @@ class CheckpointWriter:
         self.plan = plan
         self.fsync = fsync
         self.checksum = checksum
+        self.direct = direct  # shard bytes bypass the page cache (sink.DirectSink) where the filesystem allows
+        self.direct_used = False
         self.tmp: Path | None = None
         self.committed = False
         self.files_written: list[str] = []
@@ -121,7 +123,7 @@ class CheckpointWriter:
         if fname != self._fname:
             self._close_file()
             specs = dict(self.plan.shards)[fname]
-            self._file = open(self.tmp / fname, "wb", buffering=0)
+            self._file = open_sink(self.tmp / fname, self.direct)
             self._fname = fname
             self.files_written.append(fname)
             self._emit(header_bytes(specs, self.plan.metadata), count=False)
@@ -136,9 +138,7 @@ class CheckpointWriter:
                 raise RuntimeError(f"tensor {self._current.name!r}: more bytes than its shape and dtype hold")
             self._remaining -= len(view)
             self.bytes_written += len(view)
-        while len(view):
-            n = self._file.write(view)
-            view = view[n:]
+        self._file.write(view)
 
     def _check(self, spec: TensorSpec, t: torch.Tensor, rows: bool = False) -> None:
         if t.dtype != spec.dtype:
@@ -189,40 +189,13 @@ class CheckpointWriter:
     def _copy_bytes(self, src: Path, offset: int, nbytes: int) -> None:
         self._remaining -= nbytes
         self.bytes_written += nbytes
-        with open(src, "rb", buffering=0) as f:
-            fd_in, fd_out = f.fileno(), self._file.fileno()
-            done = 0
-            if hasattr(os, "copy_file_range"):
-                try:
-                    while done < nbytes:
-                        n = os.copy_file_range(fd_in, fd_out, min(nbytes - done, 1 << 30), offset + done)
-                        if n == 0:
-                            raise OSError(errno.EIO, f"{src.name} ended early")
-                        done += n
-                    return
-                except OSError as e:
-                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF):
-                        raise
-            buf = bytearray(min(_COPY_BLOCK, max(nbytes - done, 1)))
-            view = memoryview(buf)
-            while done < nbytes:
-                want = min(len(buf), nbytes - done)
-                n = os.preadv(fd_in, [view[:want]], offset + done)
-                if n == 0:
-                    raise OSError(errno.EIO, f"{src.name} ended early")
-                out = view[:n]
-                while len(out):
-                    out = out[self._file.write(out):]
-                done += n
+        self._file.copy_from(src, offset, nbytes)
 
     def _close_file(self) -> None:
         if self._file is not None:
-            try:
-                if self.fsync:
-                    os.fsync(self._file.fileno())
-            finally:
-                self._file.close()
-                self._file = None
+            f, self._file = self._file, None
+            f.close(self.fsync)
+            self.direct_used = self.direct_used or f.direct  # still direct after the last write: it went past the cache
 
     # -- other files -----------------------------------------------------------------------------------------
     def copy_file(self, src: str | Path, name: str | None = None) -> None:

@@ -56,8 +56,10 @@ def _progress(label: str, enabled: bool, unit_bytes: bool = True) -> Iterator[Ca
               help="Partial merge for this engine: OUT/base gets only what it cannot serve, OUT/adapter the LoRA it can.")
 @_device_option(_DEVICE_HELP + " Bit-identical to PEFT on cpu; on cuda within 1 ulp of the output dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--direct-io/--page-cache", default=True, show_default=True,
+              help="Write the weights past the page cache (O_DIRECT) where the filesystem allows, or through it.")
 @download_option
-def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, checksum, serve, device, as_json, download) -> None:
+def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, checksum, serve, device, as_json, direct_io, download) -> None:
     """Merge the adapter SRC (PEFT dir, .pth dump, run dir or hub id) into --base and write a plain HF model dir to -o.
 
     Everything is validated before the first byte is written; tensors stream one at a time.
@@ -70,13 +72,14 @@ def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, for
     if serve is not None:
         if checksum:
             raise UsageError("--checksum is not supported with --serve")
-        _partial(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, serve, as_json)
+        _partial(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, serve, as_json, direct_io)
         return
     from ..ckpt.merge import merge as merge_api  # torch: only when this command runs
 
     with _progress("merging", not as_json) as progress:
         report = merge_api(src, base, out, adapter_config=adapter_config, lora_alpha=lora_alpha, dtype=dtype,
-                           max_shard_size=max_shard_size, force=force, progress=progress, checksum=checksum, device=dev)
+                           max_shard_size=max_shard_size, force=force, progress=progress, checksum=checksum, device=dev,
+                           direct_io=direct_io)
     if as_json:
         print_json(report.to_dict())
         return
@@ -93,7 +96,7 @@ def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, for
         f"time {s['total']:.2f}s (plan {s['plan']:.2f}, read {s['read']:.2f}, math {s['math']:.2f}, write {s['write']:.2f}, "
         f"copy {s['copy']:.2f}, " + (f"waiting for writes {s.get('wait', 0):.2f}, " if report.writer_thread else "")
         + f"verify+rename {s['commit']:.2f}" + ("; write and copy ran beside read and math" if report.writer_thread else "")
-        + f") on {report.device}"
+        + f") on {report.device}" + (", weights past the page cache (O_DIRECT)" if report.direct_io else "")
     )
     if report.copied_files:
         console.print("copied: " + ", ".join(report.copied_files))
@@ -103,12 +106,12 @@ def merge(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, for
         console.print("[yellow]not copied[/yellow] (sub-directories): " + ", ".join(report.skipped))
 
 
-def _partial(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, serve, as_json) -> None:
+def _partial(src, base, out, adapter_config, lora_alpha, dtype, max_shard_size, force, serve, as_json, direct_io) -> None:
     from ..ckpt.partial_merge import partial_merge  # torch: only when this command runs
 
     with _progress("merging", not as_json) as progress:
         r = partial_merge(src, base, out, engine=serve, adapter_config=adapter_config, lora_alpha=lora_alpha, dtype=dtype,
-                          max_shard_size=max_shard_size, force=force, progress=progress)
+                          max_shard_size=max_shard_size, force=force, progress=progress, direct_io=direct_io)
     if as_json:
         print_json(r.to_dict())
         return
