@@ -10,8 +10,8 @@ peak RSS from ``wait4``):
   (a) ``qvl-ckpt merge ADAPTER --base BASE -o OUT``
   (b) the PEFT path: from_pretrained, PeftModel.from_pretrained, merge_and_unload, save_pretrained
   (c) ``cp -r BASE OUT`` (the I/O floor)
-  (a') (a) with the other writer mode (``QVL_MERGE_WRITER``: the writer thread, used from 4 cores up, or
-      inline), paired with (a)
+  (a') (a) with the other writer mode (``QVL_MERGE_WRITER``: the writer thread -- used with direct I/O, or
+      from 4 cores up -- or inline), paired with (a)
   (d) the LoRA products alone: every ``B @ A`` of the adapter in fp32, in the merge's row chunks, timed in
       process (no reads, no writes, no start-up); (c) + (d) is the floor a merge can approach.
   (d') the same products as a whole process (interpreter + ``import torch`` + reading the LoRA factors +
@@ -255,8 +255,8 @@ def _run_size(work: Path, layers: int, repeat: int, skip_peft: bool, ref: Path |
     return res
 
 
-# the writer mode (qvl_plugin.ckpt.merge.writer_thread_default) that this machine does not use by default
-OTHER_WRITER = "inline" if len(os.sched_getaffinity(0)) >= 4 else "thread"
+# the writer mode (qvl_plugin.ckpt.merge.writer_thread_default) that merges into --workdir do not use by default
+OTHER_WRITER = "thread"
 
 
 def _ratio(r: dict) -> float:
@@ -310,7 +310,7 @@ def _table(results: list[dict], startup: dict) -> str:
             proj = ", ".join(f"{name}: ~{a0 + slope * n / 1e9:.0f} s" for name, n in PROJECT.items())
             lines.append(f"(a) {'wall' if what == 'seconds' else 'CPU'} time ≈ {a0:.2f} s + {slope:.2f} s/GB (least squares over {len(xs)} sizes, "
                          f"worst residual {100 * worst:.0f}%); extrapolation, not measured: {proj}.")
-        lines.append(f"Process start-up alone (python + torch + transformers + qvl_plugin imports): {startup['seconds']:.1f} s, {startup['rss_mb']:.0f} MB.")
+        lines.append(f"Process start-up alone (python + the imports of `qvl-ckpt merge`: torch, safetensors, qvl_plugin; median): {startup['seconds']:.1f} s, {startup['rss_mb']:.0f} MB.")
     mode = "inline" if OTHER_WRITER == "thread" else "thread"
     for r in results:
         x, y = r[f"qvl-{OTHER_WRITER}"], r["qvl"]
@@ -358,7 +358,13 @@ def main() -> None:
 
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    startup = _measure([sys.executable, "-c", "import qvl_plugin.cli, qvl_plugin.ckpt.merge, peft"])
+    global OTHER_WRITER
+    from qvl_plugin.ckpt.merge import writer_thread_default
+    from qvl_plugin.ckpt.sink import takes_o_direct
+
+    OTHER_WRITER = "inline" if writer_thread_default(takes_o_direct(work)) else "thread"
+    starts = [_measure([sys.executable, "-c", "import qvl_plugin.cli, qvl_plugin.ckpt.merge"]) for _ in range(args.repeat)]
+    startup = {k: statistics.median(m[k] for m in starts) for k in ("seconds", "rss_mb")}  # what `qvl-ckpt merge` imports
     results = [_run_size(work, n, args.repeat, args.skip_peft or n > args.peft_max_layers, args.ref) for n in args.layers]
     (work / "bench.json").write_text(json.dumps({"startup": startup, "results": results}, indent=2))
     print(_table(results, startup))

@@ -17,7 +17,7 @@ import mmap
 import os
 from pathlib import Path
 
-__all__ = ["Sink", "open_sink"]
+__all__ = ["Sink", "DirectSink", "open_sink", "takes_o_direct"]
 
 _COPY_BLOCK = 64 << 20
 _STAGING = 16 << 20  # bytes per direct write: large enough to keep the device busy, small enough to stay cached
@@ -153,3 +153,16 @@ def open_sink(path: Path, direct: bool) -> Sink:
             if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
                 raise
     return Sink(path)
+
+
+def takes_o_direct(directory: Path) -> bool:
+    """Does the filesystem of ``directory`` open files with ``O_DIRECT``? (A probe file, removed.)"""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = Path(directory) / ".qvl-o-direct-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError:
+        return False
+    probe.unlink(missing_ok=True)
+    return True

@@ -195,32 +195,43 @@ def test_refusals_are_one_error_line(moe_adapter, qwen3_vl_moe_base, qwen3_vl_ba
     assert (logits(_load(tmp_path / "o3")) - logits(pm2)).abs().max().item() < TOL
 
 
+def _expert_pair(d, experts: int, out_f: int = 1024, in_f: int = 2048, r: int = 4):
+    """A zero bf16 fused-expert stack and a random target_parameters adapter for it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True)
+    key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    save_file({key: torch.zeros(experts, out_f, in_f, dtype=torch.bfloat16),
+               "model.language_model.layers.0.mlp.gate.weight": torch.zeros(experts, in_f, dtype=torch.bfloat16)},
+              str(d / "base.safetensors"))
+    ad = d / "adapter"
+    ad.mkdir()
+    g = torch.Generator().manual_seed(0)
+    prefix = "base_model.model." + key.rpartition(".")[0]
+    save_file({f"{prefix}.lora_A.weight": torch.randn(r * experts, in_f, generator=g),
+               f"{prefix}.lora_B.weight": torch.randn(out_f, r * experts, generator=g)}, str(ad / "adapter_model.safetensors"))
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": [],
+                                                        "target_parameters": ["mlp.experts.gate_up_proj"]}))
+    return key, ad
+
+
 def test_expert_merge_streams_in_bounded_memory(tmp_path):
-    """A 256 MB fused-expert tensor merges with RSS growing by a small fraction of it: one slice of
-    experts at a time (read, delta, write), never the whole stack or its fp32 delta (768 MB)."""
+    """Merging a 256 MB fused-expert tensor grows RSS by no more than merging one 4x smaller, plus a small
+    margin: one slice of experts at a time (read, delta, write), never the whole stack or its fp32 delta
+    (768 MB). The comparison cancels the fixed costs (buffers, the writer thread, direct-I/O staging)."""
     import json
     import subprocess
     import sys
     import textwrap
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc to reset the peak RSS")
     e, out_f, in_f, r = 64, 1024, 2048, 4
-    key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
-    save_file({key: torch.zeros(e, out_f, in_f, dtype=torch.bfloat16),
-               "model.language_model.layers.0.mlp.gate.weight": torch.zeros(e, in_f, dtype=torch.bfloat16)},
-              str(tmp_path / "base.safetensors"))
-    ad = tmp_path / "adapter"
-    ad.mkdir()
-    g = torch.Generator().manual_seed(0)
-    prefix = "base_model.model." + key.rpartition(".")[0]
-    save_file({f"{prefix}.lora_A.weight": torch.randn(r * e, in_f, generator=g),
-               f"{prefix}.lora_B.weight": torch.randn(out_f, r * e, generator=g)}, str(ad / "adapter_model.safetensors"))
-    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": [],
-                                                        "target_parameters": ["mlp.experts.gate_up_proj"]}))
+    key, ad = _expert_pair(tmp_path / "big", e, out_f, in_f, r)
+    _expert_pair(tmp_path / "small", e // 4, out_f, in_f, r)
     code = textwrap.dedent("""
         import json, sys
         from pathlib import Path
@@ -232,18 +243,21 @@ def test_expert_merge_streams_in_bounded_memory(tmp_path):
         merge(sys.argv[1], sys.argv[2], sys.argv[3])
         print(json.dumps({"growth": rss("VmHWM") - base}))
     """)
-    # warm the imports in the same process before measuring: merge a tiny copy first
-    proc = subprocess.run([sys.executable, "-c", "import qvl_plugin.ckpt.merge, torch, safetensors, peft, transformers\n" + code,
-                           str(ad), str(tmp_path / "base.safetensors"), str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
+    growth = {}
+    for name in ("small", "big"):  # each in a fresh process with the imports warmed before measuring
+        d = tmp_path / name
+        proc = subprocess.run([sys.executable, "-c", "import qvl_plugin.ckpt.merge, torch, safetensors, peft, transformers\n" + code,
+                               str(d / "adapter"), str(d / "base.safetensors"), str(d / "out")], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        growth[name] = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
     tensor = e * out_f * in_f * 2
-    # measured: ~70 MB (one expert slice read + fp32 delta + rounded sum, plus allocator slack); merging the
-    # whole tensor at once would need its bf16 copy plus a 512 MB fp32 delta
-    assert growth < tensor / 2, f"RSS grew {growth / 2**20:.0f} MB merging a {tensor / 2**20:.0f} MB expert tensor"
+    # measured: both ~90-110 MB (fixed costs and a few expert slices); merging the whole tensor at once would
+    # add its bf16 copy plus a 512 MB fp32 delta to the big one
+    assert growth["big"] - growth["small"] < tensor / 4, \
+        f"RSS grew {growth['big'] / 2**20:.0f} MB merging a {tensor / 2**20:.0f} MB expert tensor, {growth['small'] / 2**20:.0f} MB for one 4x smaller"
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "big" / "out" / "model.safetensors"), "pt") as f:
         got = f.get_slice(key)[5:6]
     from qvl_plugin.ckpt import merge_math as mm
 

@@ -11,19 +11,9 @@ import random
 import pytest
 
 from qvl_plugin.ckpt import sink
-from qvl_plugin.ckpt.sink import DirectSink, Sink, open_sink
+from qvl_plugin.ckpt.sink import DirectSink, Sink, open_sink, takes_o_direct
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux-only")
-
-
-def _takes_o_direct(d) -> bool:
-    try:
-        fd = os.open(d / ".probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
-    except OSError:
-        return False
-    os.close(fd)
-    os.remove(d / ".probe")
-    return True
 
 
 def _script(tmp_path, seed: int):
@@ -57,7 +47,7 @@ def test_direct_and_cached_sinks_write_the_same_bytes(tmp_path, monkeypatch, see
     src, steps, expect = _script(tmp_path, seed)
     _run(Sink(tmp_path / "cached"), src, steps)
     d = open_sink(tmp_path / "direct", direct=True)
-    assert d.direct == _takes_o_direct(tmp_path)
+    assert d.direct == takes_o_direct(tmp_path)
     _run(d, src, steps)
     assert (tmp_path / "cached").read_bytes() == expect == (tmp_path / "direct").read_bytes()
 
@@ -81,7 +71,7 @@ def test_refused_at_open_goes_through_the_page_cache(tmp_path, monkeypatch):
 
 def test_refused_at_first_write_carries_on_from_the_same_offset(tmp_path, monkeypatch):
     """Accepted at open, refused at write (EINVAL on an O_DIRECT fd, as some FUSE/network mounts do)."""
-    if not _takes_o_direct(tmp_path):
+    if not takes_o_direct(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT at open: the other fallback test covers it")
     monkeypatch.setattr(sink, "_STAGING", 2 * 4096)
     real = os.write
@@ -100,7 +90,7 @@ def test_refused_at_first_write_carries_on_from_the_same_offset(tmp_path, monkey
 
 
 def test_other_write_errors_are_not_swallowed(tmp_path, monkeypatch):
-    if not _takes_o_direct(tmp_path):
+    if not takes_o_direct(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
     monkeypatch.setattr(sink, "_STAGING", 4096)
 
@@ -126,7 +116,7 @@ def test_merge_past_the_page_cache_writes_the_same_model(tmp_path):
     _, adapter = make_adapter(model, ADAPTER_VARIANTS["qv"]("qwen2-vl"), tmp_path / "adapter")
     direct = merge(adapter, base, tmp_path / "direct", device="cpu")
     cached = merge(adapter, base, tmp_path / "cached", device="cpu", direct_io=False)
-    assert direct.direct_io == _takes_o_direct(tmp_path) and not cached.direct_io
+    assert direct.direct_io == takes_o_direct(tmp_path) and not cached.direct_io
     files = lambda d: {f.name: f.read_bytes() for f in sorted(d.iterdir())}
     assert files(tmp_path / "direct") == files(tmp_path / "cached")
     assert json.loads((tmp_path / "direct" / "config.json").read_text()) == json.loads((tmp_path / "cached" / "config.json").read_text())
