@@ -70,6 +70,10 @@ class Sink:
         finally:
             os.close(self.fd)
 
+    def discard(self) -> None:
+        """Close without writing what is still buffered (the output is being removed after an error)."""
+        os.close(self.fd)
+
 
 class DirectSink(Sink):
     """Whole ``_ALIGN`` blocks go to the device with ``O_DIRECT`` from a page-aligned staging buffer.
@@ -139,9 +143,20 @@ class DirectSink(Sink):
                 _write_all(self.fd, self.view[: self.fill])
                 self.fill = 0
         finally:
+            self._release()
+            super().close(fsync)
+
+    def discard(self) -> None:
+        self.fill = 0
+        self._release()
+        super().discard()
+
+    def _release(self) -> None:
+        try:
             self.view.release()
             self.buf.close()
-            super().close(fsync)
+        except BufferError:  # a traceback still holds a slice of the buffer: the map goes when it does
+            pass
 
 
 def open_sink(path: Path, direct: bool) -> Sink:

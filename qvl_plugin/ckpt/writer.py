@@ -90,7 +90,10 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._close_file()
+        if exc_type is None:
+            self._close_file()
+        else:  # leaving on an error: drop the shard being written, flush nothing more
+            self._drop_file()
         if not self.committed:
             self.abort()
         if isinstance(exc, OSError):
@@ -98,7 +101,7 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         """Drop everything written so far."""
-        self._close_file()
+        self._drop_file()
         if self.tmp is not None and self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -190,6 +193,11 @@ class CheckpointWriter:
         self._remaining -= nbytes
         self.bytes_written += nbytes
         self._file.copy_from(src, offset, nbytes)
+
+    def _drop_file(self) -> None:
+        if self._file is not None:
+            f, self._file = self._file, None
+            f.discard()
 
     def _close_file(self) -> None:
         if self._file is not None:

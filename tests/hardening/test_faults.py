@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from qvl_plugin.ckpt import sink as sink_mod
 from qvl_plugin.ckpt import writer as writer_mod
 from qvl_plugin.ckpt.checksums import CHECKSUM_NAME
 from qvl_plugin.ckpt.convert import convert
@@ -221,33 +222,19 @@ class _Disk:
 
 
 def _install_full_disk(monkeypatch, disk: _Disk) -> None:
-    import builtins
-
-    real_open = builtins.open
+    """ENOSPC once ``disk`` is spent: at the shard sinks' writes (short writes first, direct or cached), the
+    kernel copies, copied support files and written JSON."""
+    real_write_all = sink_mod._write_all
     real_cfr = getattr(os, "copy_file_range", None)
     real_copyfile = shutil.copyfile
     real_write_text = Path.write_text
 
-    class FullFile:
-        def __init__(self, f):
-            self._f = f
-
-        def write(self, data):
-            n = disk.take(len(memoryview(data).cast("B")))
-            return self._f.write(memoryview(data).cast("B")[:n])
-
-        def __getattr__(self, name):
-            return getattr(self._f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self._f.close()
-
-    def fake_open(file, mode="r", *a, **kw):
-        f = real_open(file, mode, *a, **kw)
-        return FullFile(f) if any(c in mode for c in "wax+") else f
+    def fake_write_all(fd, view):
+        view = memoryview(view).cast("B")
+        while len(view):
+            n = disk.take(len(view))
+            real_write_all(fd, view[:n])
+            view = view[n:]
 
     def fake_cfr(src, dst, count, offset_src=None, offset_dst=None):
         return real_cfr(src, dst, disk.take(count), offset_src, offset_dst)
@@ -260,17 +247,18 @@ def _install_full_disk(monkeypatch, disk: _Disk) -> None:
         disk.take(max(1, len(data.encode() if isinstance(data, str) else data)), whole=True)
         return real_write_text(self, data, *a, **kw)
 
-    monkeypatch.setattr(writer_mod, "open", fake_open, raising=False)
+    monkeypatch.setattr(sink_mod, "_write_all", fake_write_all)
     if real_cfr is not None:
         monkeypatch.setattr(os, "copy_file_range", fake_cfr)
     monkeypatch.setattr(shutil, "copyfile", fake_copyfile)
     monkeypatch.setattr(Path, "write_text", fake_write_text)
 
 
+@pytest.mark.parametrize("direct_io", [True, False], ids=["direct", "page-cache"])
 @pytest.mark.parametrize("dtype", ["auto", "bf16"])  # auto: kernel copies of unchanged tensors; bf16: every byte written
-def test_enospc_midway_gives_clear_error_and_removes_temp(small_pair, tmp_path, monkeypatch, dtype):
+def test_enospc_midway_gives_clear_error_and_removes_temp(small_pair, tmp_path, monkeypatch, dtype, direct_io):
     base, adapter = small_pair
-    ref = merge(adapter, base, tmp_path / "ref", max_shard_size="100KB", dtype=dtype)
+    ref = merge(adapter, base, tmp_path / "ref", max_shard_size="100KB", dtype=dtype, direct_io=direct_io)
     total = sum(p.stat().st_size for p in (tmp_path / "ref").iterdir())
     for left in (0, total // 10, total // 2, total * 9 // 10, total - 100):  # the last: fails on the index/config
         out = tmp_path / "outdir" / f"merged-{left}"
@@ -279,7 +267,7 @@ def test_enospc_midway_gives_clear_error_and_removes_temp(small_pair, tmp_path, 
         with monkeypatch.context() as m:
             _install_full_disk(m, disk)
             with pytest.raises(QvlError) as info:
-                merge(adapter, base, out, max_shard_size="100KB", dtype=dtype)
+                merge(adapter, base, out, max_shard_size="100KB", dtype=dtype, direct_io=direct_io)
         assert disk.hits, "the injected full disk was never hit"
         msg = str(info.value)
         assert "no space left" in msg.lower() and "\n" not in msg, msg
