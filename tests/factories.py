@@ -385,20 +385,20 @@ def make_clean_dump(peft_model: nn.Module, path: str | Path) -> Path:
 
 def small_merge_chunks(monkeypatch, counted: str | None = None) -> dict[str, int]:
     """Make the streaming merge use 64-row-sized chunks (several per tiny weight) and, with ``counted``, count
-    the calls of that ``merge_math`` function: ``{"n": calls}`` (it proves which path a merge took)."""
+    the calls of that ``merge_rows`` function: ``{"n": calls}`` (it proves which path a merge took)."""
     import qvl_plugin.ckpt.merge as merge_module
-    from qvl_plugin.ckpt import merge_math
+    from qvl_plugin.ckpt import merge_rows
 
     monkeypatch.setattr(merge_module, "CHUNK_ELEMENTS", 64 * 64)
     calls = {"n": 0}
     if counted is not None:
-        real = getattr(merge_math, counted)
+        real = getattr(merge_rows, counted)
 
         def counting(*a, **k):
             calls["n"] += 1
             return real(*a, **k)
 
-        monkeypatch.setattr(merge_math, counted, counting)
+        monkeypatch.setattr(merge_rows, counted, counting)
     return calls
 
 

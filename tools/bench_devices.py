@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from qvl_plugin.ckpt import merge_math as mm  # noqa: E402
+from qvl_plugin.ckpt import merge_rows as mr  # noqa: E402
 from qvl_plugin.ckpt.svd import truncated_svd as _svd  # noqa: E402
 from qvl_plugin.ckpt.merge import _rows_per_chunk  # noqa: E402
 
@@ -39,8 +39,8 @@ def _sync(device: torch.device) -> None:
 def _merge_all(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
     out = torch.empty_like(w)
     work = torch.empty(2 * _rows_per_chunk(tuple(w.shape)) * w.shape[1], dtype=torch.float32)
-    for start, stop in mm.row_spans(w.shape[0], _rows_per_chunk(tuple(w.shape))):
-        out[start:stop] = mm.lora_rows(w[start:stop], start, stop, a, b, 2.0, kind=kind, out_dtype=torch.bfloat16,
+    for start, stop in mr.row_spans(w.shape[0], _rows_per_chunk(tuple(w.shape))):
+        out[start:stop] = mr.lora_rows(w[start:stop], start, stop, a, b, 2.0, kind=kind, out_dtype=torch.bfloat16,
                                        work=work if a.device.type == "cpu" else None)
     return out
 

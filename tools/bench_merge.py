@@ -118,6 +118,8 @@ def child_products(adapter: Path) -> None:
     from safetensors import safe_open
 
     from qvl_plugin.ckpt import merge_math as mm
+
+    from qvl_plugin.ckpt import merge_rows as mr
     from qvl_plugin.ckpt.reader import CHUNK_ELEMENTS
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as h:
@@ -127,7 +129,7 @@ def child_products(adapter: Path) -> None:
     t0 = time.perf_counter()
     for a, b in pairs:
         out_f, in_f = b.shape[0], a.shape[1]
-        for start, stop in mm.row_spans(out_f, max(mm.MIN_CHUNK_ROWS, CHUNK_ELEMENTS // in_f)):
+        for start, stop in mr.row_spans(out_f, max(mm.MIN_CHUNK_ROWS, CHUNK_ELEMENTS // in_f)):
             torch.mm(b[start:stop], a, out=buf[: (stop - start) * in_f].view(stop - start, in_f))
     print(json.dumps({"seconds": time.perf_counter() - t0, "pairs": len(pairs)}))
 

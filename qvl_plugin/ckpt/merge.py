@@ -26,6 +26,7 @@ import torch
 
 from ..errors import CheckpointError
 from . import merge_math as mm
+from . import merge_rows as mr
 from .devices import resolve_device, to_cpu, to_device
 from .merge_ops import MergeError, MergePlan, TensorPlan, delta_bound, parse_dtype
 from .merge_params import stream_param
@@ -255,14 +256,14 @@ def _by_rows(op, shape: tuple[int, ...]) -> bool:
     """Does this LoRA/DoRA stream over row chunks? With the whole merge's bits, or (DoRA whose norm runs across
     rows: Embedding, Conv1D) in two passes when the tensor is larger than one chunk (:func:`_two_pass`)."""
     if op.dora:
-        return mm.dora_streams_by_rows(op.kind, op.fan_in_fan_out) or _two_pass(op, shape)
-    return mm.streams_by_rows(op.kind, op.fan_in_fan_out, op.dora)
+        return mr.dora_streams_by_rows(op.kind, op.fan_in_fan_out) or _two_pass(op, shape)
+    return mr.streams_by_rows(op.kind, op.fan_in_fan_out, op.dora)
 
 
 def _two_pass(op, shape: tuple[int, ...]) -> bool:
     """A tensor small enough for one chunk merges whole (the same memory, PEFT's bits); a larger one takes two
-    passes: column norms first, in float64 (within ``mm.DORA_TWO_PASS_REL_TOL``; 1 ulp of bf16/fp16)."""
-    return op.dora and mm.dora_needs_norm_pass(op.kind, op.fan_in_fan_out) and math.prod(shape) > CHUNK_ELEMENTS
+    passes: column norms first, in float64 (within ``mr.DORA_TWO_PASS_REL_TOL``; 1 ulp of bf16/fp16)."""
+    return op.dora and mr.dora_needs_norm_pass(op.kind, op.fan_in_fan_out) and math.prod(shape) > CHUNK_ELEMENTS
 
 
 def _needs_check(tp: TensorPlan, factors: dict[str, torch.Tensor] | None) -> bool:
@@ -308,7 +309,7 @@ def _stream(tp: TensorPlan, reader: TensorReader, rows, factors, clock: _Clock, 
     op = tp.lora
     row = math.prod(tp.shape[1:])
     check = _needs_check(tp, factors)
-    spans = mm.row_spans(n, _rows_per_chunk(tp.shape))
+    spans = mr.row_spans(n, _rows_per_chunk(tp.shape))
     norms = _dora_norms(tp, reader, factors, spans, clock, pipe) if op is not None and _two_pass(op, tp.shape) else None
     for start, stop in spans:
         slot, buffers = pipe.buffers()
@@ -316,11 +317,11 @@ def _stream(tp: TensorPlan, reader: TensorReader, rows, factors, clock: _Clock, 
         chunk = clock.run("read", reader.rows, tp.source, start, stop, read_buf)
         t0 = time.perf_counter()
         if op is not None and op.dora:
-            chunk = out[: chunk.numel()].view(chunk.shape).copy_(mm.dora_rows(chunk, start, stop, factors["a"], factors["b"], factors["m"],
+            chunk = out[: chunk.numel()].view(chunk.shape).copy_(mr.dora_rows(chunk, start, stop, factors["a"], factors["b"], factors["m"],
                                                                            op.scaling, kind=op.kind, fan_in_fan_out=op.fan_in_fan_out,
                                                                            out_dtype=tp.dtype, norms=norms))
         elif op is not None:
-            chunk = mm.lora_rows(chunk, start, stop, factors["a"], factors["b"], op.scaling, kind=op.kind,
+            chunk = mr.lora_rows(chunk, start, stop, factors["a"], factors["b"], op.scaling, kind=op.kind,
                                  fan_in_fan_out=op.fan_in_fan_out, out_dtype=tp.dtype, work=work, out=out)
         elif chunk.dtype != tp.dtype or rows is not None:  # never edit rows in place in a reader's (mmap'd) tensor
             chunk = out[: chunk.numel()].view(chunk.shape).copy_(chunk)
@@ -340,9 +341,9 @@ def _dora_norms(tp: TensorPlan, reader: TensorReader, factors, spans, clock: _Cl
         read_buf = buffers.get((stop - start) * math.prod(tp.shape[1:]), (stop - start) * row_bytes, tp.dtype)[0]
         chunk = clock.run("read", reader.rows, tp.source, start, stop, read_buf)
         t0 = time.perf_counter()
-        acc = mm.dora_norm_rows(acc, chunk, start, stop, factors["a"], factors["b"], op.scaling, kind=op.kind, fan_in_fan_out=op.fan_in_fan_out)
+        acc = mr.dora_norm_rows(acc, chunk, start, stop, factors["a"], factors["b"], op.scaling, kind=op.kind, fan_in_fan_out=op.fan_in_fan_out)
         clock.t["math"] += time.perf_counter() - t0
-    return mm.dora_norm_finish(acc)
+    return mr.dora_norm_finish(acc)
 
 
 def _whole(tp: TensorPlan, t: torch.Tensor, rows, factors, bias, device: torch.device) -> torch.Tensor:
@@ -369,7 +370,7 @@ def _two_pass_notes(plan: MergePlan) -> list[str]:
     if not names:
         return []
     return [f"DoRA with norms across rows (Embedding/Conv1D) merged in two passes with float64 norms, bounded memory: within 1 ulp of "
-            f"PEFT's whole-tensor merge in bf16/fp16 (relative {mm.DORA_TWO_PASS_REL_TOL:g} in fp32): {', '.join(names)}"]
+            f"PEFT's whole-tensor merge in bf16/fp16 (relative {mr.DORA_TWO_PASS_REL_TOL:g} in fp32): {', '.join(names)}"]
 
 
 def merge(

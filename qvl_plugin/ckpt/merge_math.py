@@ -15,7 +15,7 @@ Kinds of layer, decided by the caller from the entries and the base shape:
   ``W (E, out, in)`` with ``lora_A (r·E, in)``, ``lora_B (out, r·E)``, or a 2-D weight (the router). PEFT
   rounds this delta to the weight dtype before adding it, like the embedding's.
 
-Row-chunked variants (:mod:`merge_rows`, re-exported here: :func:`row_spans`, :func:`lora_rows`,
+Row-chunked variants (:mod:`merge_rows`, which builds on this module: :func:`row_spans`, :func:`lora_rows`,
 :func:`dora_rows`, ...) let the merge stream a large tensor through a small buffer; a chunk of at least
 :data:`MIN_CHUNK_ROWS` rows gives the same bits as the whole matrix product. What streams:
 
@@ -44,17 +44,8 @@ __all__ = [
     "merge_dora",
     "merge_lora_bias",
     "replace_rows",
-    "lora_rows",
     "param_delta",
     "merge_param",
-    "row_spans",
-    "streams_by_rows",
-    "dora_streams_by_rows",
-    "dora_needs_norm_pass",
-    "dora_norm_rows",
-    "dora_norm_finish",
-    "dora_rows",
-    "DORA_TWO_PASS_REL_TOL",
 ]
 
 Kind = Literal["linear", "embedding", "conv", "param"]
@@ -258,21 +249,3 @@ def replace_rows(weight: torch.Tensor, indices: list[int] | torch.Tensor, rows: 
     index = torch.as_tensor(indices, dtype=torch.long)
     merged = weight.index_copy(0, index, rows.to(weight.dtype))
     return merged.to(out_dtype)
-
-
-# The row-chunked variants live in merge_rows (which imports this module's names at its end); re-exported here,
-# where the streaming merge looks them up.
-from .merge_rows import (  # noqa: E402
-    DORA_TWO_PASS_REL_TOL,
-    dora_needs_norm_pass,
-    dora_norm_finish,
-    dora_norm_rows,
-    dora_rows,
-    dora_streams_by_rows,
-    lora_rows,
-    row_spans,
-    streams_by_rows,
-)
-from . import merge_rows as _merge_rows  # noqa: E402
-
-_rows_on = _merge_rows._rows_on  # private; the device tests call it here

@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from .merge_math import MIN_CHUNK_ROWS, Kind, _f32, conv_delta
+
 __all__ = [
     "row_spans",
     "streams_by_rows",
@@ -235,9 +237,3 @@ def dora_rows(weight_rows: torch.Tensor, start: int, stop: int, lora_a: torch.Te
         norm = torch.linalg.norm(combined, dim=1)
         factor = (mag[start:stop] / norm).view(-1, 1)
     return (factor * combined).to(out_dtype)
-
-
-# At the end, on purpose: merge_math re-exports this module's names (the streaming merge calls them as
-# ``merge_math.lora_rows``, ...), so whichever of the two modules is imported first, the other finds every
-# name it needs already defined.
-from .merge_math import MIN_CHUNK_ROWS, Kind, _f32, conv_delta  # noqa: E402

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from qvl_plugin.ckpt import devices, diff as diff_mod, effect, extract as extract_mod, merge as merge_mod, svd as svd_mod
 from qvl_plugin.ckpt import merge_math as mm
+from qvl_plugin.ckpt import merge_rows as mr
 from qvl_plugin.ckpt.diff import diff_checkpoints
 from qvl_plugin.ckpt.extract import extract
 from qvl_plugin.ckpt.merge import merge
@@ -82,8 +83,8 @@ def test_device_rows_path_is_the_cpu_sequence(kind, fifo, dtype):
     out_f, in_f = (w.shape[1], w.shape[0]) if (fifo or kind == "embedding") else w.shape
     a, b = torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g)
     for start, stop in ((0, 64), (64, 160)):
-        want = mm.lora_rows(w[start:stop], start, stop, a, b, 0.5, kind=kind, fan_in_fan_out=fifo, out_dtype=torch.bfloat16)
-        got = mm._rows_on(torch.device("cpu"), w[start:stop], start, stop, a, b, 0.5, kind, fifo, torch.bfloat16)
+        want = mr.lora_rows(w[start:stop], start, stop, a, b, 0.5, kind=kind, fan_in_fan_out=fifo, out_dtype=torch.bfloat16)
+        got = mr._rows_on(torch.device("cpu"), w[start:stop], start, stop, a, b, 0.5, kind, fifo, torch.bfloat16)
         assert torch.equal(want, got)
 
 
@@ -95,10 +96,10 @@ def test_dora_rows_give_the_whole_merge_bits(dtype):
     a, b, m = torch.randn(8, 96, generator=g) * 0.1, torch.randn(300, 8, generator=g) * 0.1, torch.rand(300, generator=g) + 0.5
     whole = mm.merge_dora(w, a, b, m, 0.7, out_dtype=torch.bfloat16)
     for step in (64, 100, 300):
-        parts = [mm.dora_rows(w[i:j], i, j, a, b, m, 0.7, out_dtype=torch.bfloat16) for i, j in mm.row_spans(300, step)]
+        parts = [mr.dora_rows(w[i:j], i, j, a, b, m, 0.7, out_dtype=torch.bfloat16) for i, j in mr.row_spans(300, step)]
         assert torch.equal(torch.cat(parts), whole)
-    assert mm.dora_streams_by_rows("linear", False) and not mm.dora_streams_by_rows("linear", True)
-    assert not mm.dora_streams_by_rows("embedding", False) and mm.dora_streams_by_rows("conv", False)
+    assert mr.dora_streams_by_rows("linear", False) and not mr.dora_streams_by_rows("linear", True)
+    assert not mr.dora_streams_by_rows("embedding", False) and mr.dora_streams_by_rows("conv", False)
 
 
 @pytest.mark.parametrize("variant", ["linear-embed-head", "dora"])

@@ -14,6 +14,8 @@ from transformers.pytorch_utils import Conv1D
 
 from qvl_plugin.ckpt import merge_math as mm
 
+from qvl_plugin.ckpt import merge_rows as mr
+
 
 class _Toy(nn.Module):
     def __init__(self, layer: nn.Module):
@@ -145,14 +147,14 @@ def test_row_chunks_equal_whole_merge(name):
     w = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
     fifo = name == "conv1d_gpt2"
     whole = mm.merge_lora(w, a, b, 0.7, kind=kind, fan_in_fan_out=fifo)
-    spans = mm.row_spans(rows, 130)
+    spans = mr.row_spans(rows, 130)
     assert spans[0] == (0, 130) and spans[-1][1] == rows and all(j - i >= mm.MIN_CHUNK_ROWS for i, j in spans)
-    parts = [mm.lora_rows(w[i:j], i, j, a, b, 0.7, kind=kind, fan_in_fan_out=fifo) for i, j in spans]
+    parts = [mr.lora_rows(w[i:j], i, j, a, b, 0.7, kind=kind, fan_in_fan_out=fifo) for i, j in spans]
     assert torch.equal(torch.cat(parts), whole)
     work, out = torch.empty(400 * cols), torch.empty(200 * cols, dtype=torch.bfloat16)  # reused buffers, as the merge does
-    parts = [mm.lora_rows(w[i:j], i, j, a, b, 0.7, kind=kind, fan_in_fan_out=fifo, work=work, out=out).clone() for i, j in spans]
+    parts = [mr.lora_rows(w[i:j], i, j, a, b, 0.7, kind=kind, fan_in_fan_out=fifo, work=work, out=out).clone() for i, j in spans]
     assert torch.equal(torch.cat(parts), whole)
-    assert mm.streams_by_rows(kind, fifo, dora=False) and not mm.streams_by_rows(kind, fifo, dora=True)
+    assert mr.streams_by_rows(kind, fifo, dora=False) and not mr.streams_by_rows(kind, fifo, dora=True)
 
 
 def test_bf16_rounds_once_and_embedding_rounds_like_peft():
@@ -204,22 +206,22 @@ def _conv_factors(shape, r=8, seed=0):
 def test_conv_rows_equal_whole_merge_bitwise(name):
     shape = CONV_SHAPES[name]
     w32, a, b, mag = _conv_factors(shape)
-    assert mm.streams_by_rows("conv", False, dora=False) and mm.dora_streams_by_rows("conv", False)
-    assert not mm.dora_needs_norm_pass("conv", False)
+    assert mr.streams_by_rows("conv", False, dora=False) and mr.dora_streams_by_rows("conv", False)
+    assert not mr.dora_needs_norm_pass("conv", False)
     row = math.prod(shape[1:])
     for wdt, odt in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float16)):
         w = w32.to(wdt)
         lora = mm.merge_lora(w, a, b, 0.7, kind="conv", out_dtype=odt)
         dora = mm.merge_dora(w, a, b, mag, 0.7, kind="conv", out_dtype=odt)
         for step in (mm.MIN_CHUNK_ROWS, 100, shape[0]):  # chunks at MIN_CHUNK_ROWS boundaries, odd ones, one
-            spans = mm.row_spans(shape[0], step)
+            spans = mr.row_spans(shape[0], step)
             work, out = torch.empty(2 * (step + 64) * row), torch.empty((step + 64) * row, dtype=odt)  # reused, as the merge does
-            parts = [mm.lora_rows(w[i:j], i, j, a, b, 0.7, kind="conv", out_dtype=odt, work=work, out=out).clone() for i, j in spans]
+            parts = [mr.lora_rows(w[i:j], i, j, a, b, 0.7, kind="conv", out_dtype=odt, work=work, out=out).clone() for i, j in spans]
             assert torch.equal(torch.cat(parts), lora), (name, wdt, step)
-            dev = [mm._rows_on(torch.device("cpu"), w[i:j], i, j, a, b, 0.7, "conv", False, odt) for i, j in spans]
+            dev = [mr._rows_on(torch.device("cpu"), w[i:j], i, j, a, b, 0.7, "conv", False, odt) for i, j in spans]
             assert torch.equal(torch.cat(dev), lora)  # the accelerator branch's sequence, run here
             # merge.py calls dora_rows without kind: a 3+-dim weight is a conv
-            parts = [mm.dora_rows(w[i:j], i, j, a, b, mag, 0.7, out_dtype=odt) for i, j in spans]
+            parts = [mr.dora_rows(w[i:j], i, j, a, b, mag, 0.7, out_dtype=odt) for i, j in spans]
             assert torch.equal(torch.cat(parts), dora), (name, wdt, step)
 
 
@@ -236,11 +238,11 @@ def test_conv_rows_match_peft_bitwise(name, dtype):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             want = pm.merge_and_unload().layer.weight.detach()
-        spans = mm.row_spans(out_ch, 64)
+        spans = mr.row_spans(out_ch, 64)
         if dora:
-            parts = [mm.dora_rows(base_w[i:j], i, j, a, b, mag.detach(), s, kind="conv") for i, j in spans]
+            parts = [mr.dora_rows(base_w[i:j], i, j, a, b, mag.detach(), s, kind="conv") for i, j in spans]
         else:
-            parts = [mm.lora_rows(base_w[i:j], i, j, a, b, s, kind="conv") for i, j in spans]
+            parts = [mr.lora_rows(base_w[i:j], i, j, a, b, s, kind="conv") for i, j in spans]
         assert len(spans) == 2 and torch.equal(torch.cat(parts), want), (name, dora)
 
 
@@ -250,12 +252,12 @@ def _ulps(x: torch.Tensor, y: torch.Tensor) -> int:
 
 
 def _two_pass(w, a, b, mag, s, kind, fifo, odt, step):
-    spans = mm.row_spans(w.shape[0], step)
+    spans = mr.row_spans(w.shape[0], step)
     acc = None
     for i, j in spans:
-        acc = mm.dora_norm_rows(acc, w[i:j], i, j, a, b, s, kind=kind, fan_in_fan_out=fifo)
-    norms = mm.dora_norm_finish(acc)
-    return norms, torch.cat([mm.dora_rows(w[i:j], i, j, a, b, mag, s, kind=kind, fan_in_fan_out=fifo, out_dtype=odt, norms=norms)
+        acc = mr.dora_norm_rows(acc, w[i:j], i, j, a, b, s, kind=kind, fan_in_fan_out=fifo)
+    norms = mr.dora_norm_finish(acc)
+    return norms, torch.cat([mr.dora_rows(w[i:j], i, j, a, b, mag, s, kind=kind, fan_in_fan_out=fifo, out_dtype=odt, norms=norms)
                              for i, j in spans])
 
 
@@ -263,7 +265,7 @@ def _within_two_pass_tolerance(got, want):
     assert got.dtype == want.dtype and got.shape == want.shape
     if want.dtype == torch.float32:
         rel = ((got - want).abs() / want.abs().clamp_min(torch.finfo(torch.float32).tiny)).max()
-        assert rel <= mm.DORA_TWO_PASS_REL_TOL, rel
+        assert rel <= mr.DORA_TWO_PASS_REL_TOL, rel
     else:
         assert _ulps(got, want) <= 1
 
@@ -274,8 +276,8 @@ def test_two_pass_dora_rows_within_tolerance_of_whole(kind, fifo, rows, cols):
     g = torch.Generator().manual_seed(5)
     a, b = torch.randn(8, rows, generator=g) * 0.3, torch.randn(cols, 8, generator=g) * 0.3
     mag, w32 = torch.rand(cols, generator=g) + 0.5, torch.randn(rows, cols, generator=g) * 0.05
-    assert mm.dora_needs_norm_pass(kind, fifo) and not mm.dora_streams_by_rows(kind, fifo)
-    assert not mm.streams_by_rows(kind, fifo, dora=True)
+    assert mr.dora_needs_norm_pass(kind, fifo) and not mr.dora_streams_by_rows(kind, fifo)
+    assert not mr.streams_by_rows(kind, fifo, dora=True)
     for wdt in (torch.bfloat16, torch.float32):
         w = w32.to(wdt)
         combined = w.float() + mm.delta_weight(kind, a, b, 0.7, (rows, cols), fifo)
@@ -300,15 +302,15 @@ def test_two_pass_dora_matches_peft_within_tolerance(name, dtype):
         want = pm.merge_and_unload().layer.weight.detach()
     for step in (64, 100):
         _, got = _two_pass(base_w, a, b, mag.detach(), s, kind, fifo, dtype, step)
-        assert len(mm.row_spans(base_w.shape[0], step)) >= 2
+        assert len(mr.row_spans(base_w.shape[0], step)) >= 2
         _within_two_pass_tolerance(got, want)
 
 
 def test_two_pass_dora_refuses_without_norms_and_one_pass_kinds_have_no_norm_pass():
     w, a, b = torch.randn(128, 8), torch.randn(2, 128), torch.randn(8, 2)
     with pytest.raises(ValueError, match="norms="):
-        mm.dora_rows(w[:64], 0, 64, a, b, torch.ones(8), 1.0, kind="embedding")
+        mr.dora_rows(w[:64], 0, 64, a, b, torch.ones(8), 1.0, kind="embedding")
     with pytest.raises(ValueError, match="no norm pass"):
-        mm.dora_norm_rows(None, w[:64], 0, 64, a.T, b.T, 1.0, kind="linear")
-    assert not mm.dora_needs_norm_pass("linear", False) and not mm.dora_needs_norm_pass("conv", False)
-    assert mm.dora_needs_norm_pass("linear", True) and mm.dora_needs_norm_pass("embedding", False)
+        mr.dora_norm_rows(None, w[:64], 0, 64, a.T, b.T, 1.0, kind="linear")
+    assert not mr.dora_needs_norm_pass("linear", False) and not mr.dora_needs_norm_pass("conv", False)
+    assert mr.dora_needs_norm_pass("linear", True) and mr.dora_needs_norm_pass("embedding", False)

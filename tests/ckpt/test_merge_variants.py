@@ -74,7 +74,7 @@ def test_dora_on_embedding_and_saved_base_layer(qwen2_vl_base, tmp_path):
 def test_dora_on_embedding_larger_than_a_chunk_merges_in_two_passes(qwen2_vl_base, tmp_path, monkeypatch):
     """DoRA on an embedding bigger than one row chunk: column norms first (float64), then rows. Within the
     documented tolerance of PEFT's whole-tensor merge, every other tensor bit-identical, the logits PEFT's."""
-    from qvl_plugin.ckpt import merge_math as mm
+    from qvl_plugin.ckpt import merge_rows as mr
 
     model, base = qwen2_vl_base
     cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "embed_tokens"])
@@ -86,7 +86,7 @@ def test_dora_on_embedding_larger_than_a_chunk_merges_in_two_passes(qwen2_vl_bas
     emb = [k for k in expect if k.endswith("embed_tokens.weight")]
     assert [k for k in expect if k not in emb and not torch.equal(merged[k], expect[k])] == []
     for k in emb:
-        torch.testing.assert_close(merged[k], expect[k], rtol=mm.DORA_TWO_PASS_REL_TOL, atol=0)
+        torch.testing.assert_close(merged[k], expect[k], rtol=mr.DORA_TWO_PASS_REL_TOL, atol=0)
     torch.testing.assert_close(logits(_load(tmp_path / "out")), logits(pm), rtol=TOL, atol=TOL)
 
 
