@@ -22,6 +22,7 @@ __all__ = ["Sink", "DirectSink", "open_sink", "takes_o_direct"]
 _COPY_BLOCK = 64 << 20
 _STAGING = 16 << 20  # bytes per direct write: large enough to keep the device busy, small enough to stay cached
 _ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses aligned to the logical block size (<= 4096)
+_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)  # what a filesystem without O_DIRECT answers
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -95,7 +96,7 @@ class DirectSink(Sink):
             try:
                 _write_all(self.fd, self.view[:upto])
             except OSError as e:  # accepted at open, refused at write: go on through the page cache
-                if e.errno != errno.EINVAL:
+                if e.errno not in _REFUSED:
                     raise
                 self._cached()
                 self.direct = False
@@ -165,7 +166,7 @@ def open_sink(path: Path, direct: bool) -> Sink:
         try:
             return DirectSink(path)
         except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+            if e.errno not in _REFUSED:
                 raise
     return Sink(path)
 
