@@ -86,21 +86,21 @@ class DirectSink(Sink):
         super().__init__(path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666))
         self.buf = mmap.mmap(-1, _STAGING)  # anonymous maps are page-aligned
         self.view = memoryview(self.buf)
-        self.fill = 0
+        self.fill = 0  # staged bytes, not yet written
+        self.flushed = 0  # bytes of the file written so far
 
     def _flush(self, upto: int) -> None:
         """Write ``view[:upto]`` (a multiple of ``_ALIGN``) and keep the rest at the buffer's front."""
-        if not self.direct:
+        try:
             _write_all(self.fd, self.view[:upto])
-        else:
-            try:
-                _write_all(self.fd, self.view[:upto])
-            except OSError as e:  # accepted at open, refused at write: go on through the page cache
-                if e.errno not in _REFUSED:
-                    raise
-                self._cached()
-                self.direct = False
-                _write_all(self.fd, self.view[:upto])
+        except OSError as e:  # accepted at open, refused at a write: go on through the page cache
+            if not self.direct or e.errno not in _REFUSED:
+                raise
+            self._cached()
+            self.direct = False
+            done = os.lseek(self.fd, 0, os.SEEK_CUR) - self.flushed  # what the refused call's loop got out
+            _write_all(self.fd, self.view[done:upto])
+        self.flushed += upto
         rest = self.fill - upto
         if rest:
             self.view[:rest] = self.view[upto: self.fill]

@@ -89,6 +89,28 @@ def test_refused_at_first_write_carries_on_from_the_same_offset(tmp_path, monkey
     assert not s.direct and (tmp_path / "f").read_bytes() == expect
 
 
+def test_refused_after_some_direct_writes_goes_on_without_repeating_bytes(tmp_path, monkeypatch):
+    """A refusal in the middle of a flush (after part of it went out direct) continues at the file's offset."""
+    if not takes_o_direct(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT at open: the other fallback test covers it")
+    monkeypatch.setattr(sink, "_STAGING", 4 * 4096)
+    real, calls = os.write, {"n": 0}
+
+    def short_then_refuse(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, memoryview(data)[:4096])  # short direct writes: one block per call
+        return real(fd, data)
+
+    monkeypatch.setattr(sink.os, "write", short_then_refuse)
+    src, steps, expect = _script(tmp_path, 11)
+    s = open_sink(tmp_path / "f", direct=True)
+    _run(s, src, steps)
+    assert calls["n"] >= 3 and not s.direct and (tmp_path / "f").read_bytes() == expect
+
+
 def test_other_write_errors_are_not_swallowed(tmp_path, monkeypatch):
     if not takes_o_direct(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
