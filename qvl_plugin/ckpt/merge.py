@@ -136,18 +136,16 @@ class _Pipeline:
         if self.error is not None:
             raise self.error
 
-    def submit(self, what: str, fn, *args) -> Future:
+    def submit(self, what: str, fn, *args) -> Future | None:
+        """Hand over one writer call: queued (its future), or run now when inline (None: nothing to wait for)."""
         while self.pending and self.pending[0].done():
             self.pending.popleft()
+        if self.pool is None:
+            self._call(what, fn, *args)
         if self.error is not None:
             raise self.error
         if self.pool is None:
-            f: Future = Future()
-            self._call(what, fn, *args)
-            f.set_result(None)
-            if self.error is not None:
-                raise self.error
-            return f
+            return None
         f = self.pool.submit(self._call, what, fn, *args)
         self.pending.append(f)
         return f
@@ -232,7 +230,7 @@ def _run_plan(plan: MergePlan, pipe: _Pipeline, clock: _Clock, progress: Callabl
                 _finite_or_fail(tp, chunk)
                 pipe.write_fresh(w.write_chunk, chunk)
             pipe.submit("write", w.end)
-        elif len(tp.shape) >= 2 and tp.bias_lora is None and (tp.lora is None or _by_rows(tp.lora, tp.shape)):
+        elif _streams(tp):
             factors = clock.run("read", _factors, tp, ar, device) if tp.lora is not None else None
             pipe.submit("write", w.begin, tp.name)
             for slot, chunk in _stream(tp, reader, rows, factors, clock, pipe):
@@ -250,6 +248,11 @@ def _run_plan(plan: MergePlan, pipe: _Pipeline, clock: _Clock, progress: Callabl
         done += tp.dtype.itemsize * math.prod(tp.shape)
         if progress is not None:
             progress(done, total)
+
+
+def _streams(tp: TensorPlan) -> bool:
+    """Is this tensor merged in row chunks (:func:`_stream`) rather than whole?"""
+    return len(tp.shape) >= 2 and tp.bias_lora is None and (tp.lora is None or _by_rows(tp.lora, tp.shape))
 
 
 def _by_rows(op, shape: tuple[int, ...]) -> bool:
@@ -366,7 +369,7 @@ def _whole(tp: TensorPlan, t: torch.Tensor, rows, factors, bias, device: torch.d
 
 
 def _two_pass_notes(plan: MergePlan) -> list[str]:
-    names = [t.name for t in plan.tensors if t.lora is not None and t.bias_lora is None and len(t.shape) >= 2 and _two_pass(t.lora, t.shape)]
+    names = [t.name for t in plan.tensors if t.lora is not None and _streams(t) and _two_pass(t.lora, t.shape)]
     if not names:
         return []
     return [f"DoRA with norms across rows (Embedding/Conv1D) merged in two passes with float64 norms, bounded memory: within 1 ulp of "
